@@ -1,0 +1,44 @@
+# The two commands: `make run` (set up and run the gateway) and `make test` (set up and run the suite).
+PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: run test install install-test services lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -c 'import sys; assert sys.version_info[:2] >= (3, 11), "Python 3.11+ is needed"'
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+install-test: $(VENV)/.installed-test
+
+## Run the gateway on 127.0.0.1:8080 with the embedded default (SQLite ledger, in-process everything).
+## Client key: $$FRUGAL_API_KEY, or sk-frugal-dev when unset.
+run: install
+	FRUGAL_API_KEY="$${FRUGAL_API_KEY:-sk-frugal-dev}" $(BIN)/frugal serve --host 127.0.0.1 --port 8080
+
+## System packages the tests need (PostgreSQL), installed with apt when missing.
+services:
+	scripts/ensure-test-services.sh
+
+lint: install-test
+	$(BIN)/ruff check .
+
+## Set up and run the whole suite.
+test: install-test services lint
+	$(BIN)/python -m pytest
+
+bench: install-test
+	$(BIN)/python bench/gateway_overhead.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache frugal-ledger.db frugal-ledger.db-* frugal-ledger-spill.jsonl

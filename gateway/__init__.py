@@ -1,0 +1,1 @@
+"""The HTTP edge of Frugal: OpenAI-compatible API, keys and limits, spend ledger, metrics, CLI."""

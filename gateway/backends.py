@@ -1,0 +1,40 @@
+"""Building backends from the configuration: the one place that picks a transport for a model."""
+
+from __future__ import annotations
+
+import logging
+
+from gateway.settings import ModelConfig
+from workers.backend import Backend
+from workers.http_backend import HTTPBackend
+from workers.litellm_backend import LiteLLMBackend
+from workers.remote import RemoteModel
+
+log = logging.getLogger("frugal.backends")
+
+#: litellm providers that speak OpenAI's protocol unchanged, so the direct HTTP transport can serve them.
+OPENAI_COMPATIBLE = frozenset({"openai", "hosted_vllm", "openai_like", "custom_openai", "llamafile", "lm_studio"})
+
+
+def transport_for(model: ModelConfig) -> str:
+    if model.transport != "auto":
+        return model.transport
+    provider = model.backend.split("/", 1)[0] if "/" in model.backend else "openai"
+    if provider in OPENAI_COMPATIBLE and model.resolved_api_base():
+        return "http"
+    return "litellm"
+
+
+def build_backend(model: ModelConfig) -> Backend:
+    remote = RemoteModel(
+        name=model.name,
+        litellm_model=model.backend,
+        price=model.price,
+        api_base=model.resolved_api_base(),
+        api_key=model.resolved_api_key(),
+    )
+    transport = transport_for(model)
+    log.info("model %s: %s via %s", model.name, model.backend, transport)
+    if transport == "http":
+        return HTTPBackend(remote)
+    return LiteLLMBackend(remote)

@@ -1,0 +1,197 @@
+"""`POST /v1/chat/completions` and `POST /v1/completions`: authenticate, limit, validate, route, answer,
+record. Every request, whatever its outcome, is recorded exactly once (`Recorder.finish`)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import anyio
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from gateway.auth import KeyStore
+from gateway.errors import APIError, model_not_found, rate_limited
+from gateway.ratelimit import RateLimiter
+from gateway.recorder import Recorder, RequestRecord
+from gateway.requests import ParsedRequest, parse_request, read_json
+from gateway.responses import SSEWriter, completion_body
+from router.fallback import FallbackRouter, OpenedStream, RouteFailed, RouteUnavailable
+from router.trace import Attempt, DecisionTrace
+from workers.backend import GenerationRequest, RequestKind
+from workers.errors import BackendError, FailureKind
+from workers.remote import complete_usage
+
+#: Status recorded for a stream the client abandoned (nginx's convention; never sent on the wire).
+CLIENT_CLOSED = 499
+
+
+def error_for(failure: RouteFailed | RouteUnavailable | BackendError) -> APIError:
+    """The client-facing error for a routing failure."""
+    if isinstance(failure, RouteUnavailable):
+        return APIError(503, str(failure), type="api_error", code="models_cooling_down",
+                        retry_after_s=failure.retry_after_s)
+    if isinstance(failure, RouteFailed):
+        kind, message, retry_after = failure.kind, failure.last.message, failure.retry_after_s
+    else:
+        kind, message, retry_after = failure.kind, failure.message, failure.retry_after_s
+    if kind == FailureKind.BAD_REQUEST:
+        return APIError(400, f"The model provider rejected the request: {message}", code="upstream_bad_request")
+    if kind == FailureKind.CONTEXT_WINDOW:
+        return APIError(400, f"The prompt is too long for the model: {message}", param="messages",
+                        code="context_length_exceeded")
+    if kind == FailureKind.TIMEOUT:
+        return APIError(504, f"The model provider did not answer in time: {message}", type="api_error",
+                        code="upstream_timeout")
+    if kind == FailureKind.RATE_LIMITED:
+        return APIError(429, f"The model provider is rate limiting: {message}", type="rate_limit_error",
+                        code="upstream_rate_limited", retry_after_s=retry_after or 1.0)
+    return APIError(502, f"The model provider failed: {message}", type="api_error", code="upstream_error")
+
+
+class CompletionsEndpoint:
+    def __init__(self, *, keys: KeyStore, limiter: RateLimiter, router: FallbackRouter, recorder: Recorder,
+                 max_body_bytes: int, default_timeout_s: float, store_content: bool) -> None:
+        self.keys = keys
+        self.limiter = limiter
+        self.router = router
+        self.recorder = recorder
+        self.max_body_bytes = max_body_bytes
+        self.default_timeout_s = default_timeout_s
+        self.store_content = store_content
+
+    async def handle(self, request: Request, kind: RequestKind) -> Response:
+        record = RequestRecord(request_id=uuid.uuid4().hex, endpoint=kind)
+        handed_to_stream = False
+        try:
+            client = self.keys.authenticate(request)
+            record.key_id = client.key_id
+            wait_s = self.limiter.acquire(client.key_id, client.requests_per_minute)
+            if wait_s:
+                raise rate_limited(f"Rate limit reached for key '{client.key_id}': "
+                                   f"{client.requests_per_minute} requests per minute.", wait_s)
+            body = await read_json(request, self.max_body_bytes)
+            parsed = parse_request(kind, body)
+            record.route, record.stream, record.user = parsed.model, parsed.stream, parsed.user
+            if self.store_content:
+                record.prompt = body.get("messages") if kind == "chat" else body.get("prompt")
+            models = self.router.resolve(parsed.model)
+            if models is None:
+                raise model_not_found(parsed.model)
+            record.route_label = parsed.model
+            record.trace = DecisionTrace(route=parsed.model)
+            parsed.generation.timeout_s = self.default_timeout_s
+            if parsed.stream:
+                opened = await self.router.open_stream(models, parsed.generation, record.trace)
+                record.ttft_s = time.perf_counter() - record.started
+                handed_to_stream = True
+                return self._streaming_response(kind, parsed, opened, record)
+            return await self._complete(kind, parsed, models, record)
+        except (RouteFailed, RouteUnavailable) as failure:
+            error = error_for(failure)
+            record.status, record.error_code = error.status, error.code
+            return error.response(self._headers(record))
+        except APIError as error:
+            record.status, record.error_code = error.status, error.code
+            return error.response({"x-request-id": record.request_id})
+        finally:
+            if not handed_to_stream:
+                self.recorder.finish(record)
+
+    def _headers(self, record: RequestRecord) -> dict[str, str]:
+        headers = {"x-request-id": record.request_id}
+        trace = record.trace
+        if trace is not None:
+            headers["x-frugal-route"] = trace.route
+            headers["x-frugal-models-tried"] = ",".join(trace.models_tried)
+            if trace.model:
+                headers["x-frugal-model"] = trace.model
+        return headers
+
+    async def _complete(self, kind: RequestKind, parsed: ParsedRequest, models: list[str],
+                        record: RequestRecord) -> Response:
+        assert record.trace is not None
+        result = await self.router.generate(models, parsed.generation, record.trace)
+        record.usage = result.usage
+        record.cost_usd = record.trace.cost_usd
+        record.status = 200
+        if self.store_content:
+            record.response = result.text
+        headers = self._headers(record)
+        headers["x-frugal-cost-usd"] = f"{record.cost_usd:.10f}"
+        content = completion_body(kind, f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{record.request_id}",
+                                  int(time.time()), result.model, result.choices, result.usage)
+        return Response(content, media_type="application/json", headers=headers)
+
+    def _streaming_response(self, kind: RequestKind, parsed: ParsedRequest, opened: OpenedStream,
+                            record: RequestRecord) -> StreamingResponse:
+        writer = SSEWriter(kind, f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{record.request_id}",
+                           int(time.time()), opened.model, parsed.include_usage)
+        n = int(parsed.generation.params.get("n", 1))
+        return StreamingResponse(self._frames(writer, n, opened, parsed.generation, record),
+                                 media_type="text/event-stream",
+                                 headers={**self._headers(record), "cache-control": "no-cache"})
+
+    async def _frames(self, writer: SSEWriter, n: int, opened: OpenedStream, generation: GenerationRequest,
+                      record: RequestRecord) -> AsyncIterator[bytes]:
+        texts: list[str] = []
+        finished = False
+        try:
+            if writer.kind == "chat":
+                yield writer.role(n)
+            chunk = opened.first
+            while True:
+                if chunk.usage is not None:
+                    record.usage = chunk.usage
+                if chunk.text or chunk.finish_reason or chunk.logprobs:
+                    texts.append(chunk.text)
+                    yield writer.chunk(chunk)
+                try:
+                    chunk = await anext(opened.rest)
+                except StopAsyncIteration:
+                    break
+            record.cost_usd = record.trace.cost_usd if record.trace else 0.0
+            if writer.include_usage:
+                yield writer.usage(record.usage)
+            record.status = 200
+            finished = True
+            yield SSEWriter.DONE
+        except BackendError as failure:
+            error = error_for(failure)
+            record.status, record.error_code = error.status, error.code
+            self._bill_partial(record, opened.model, generation, texts)
+            yield SSEWriter.error(error.body())
+            yield SSEWriter.DONE
+        except BaseException:
+            # Cancelled by a client that went away (or the server stopping): record what was streamed.
+            if not finished:
+                record.client_disconnected = True
+                record.status, record.error_code = CLIENT_CLOSED, "client_closed"
+                self._bill_partial(record, opened.model, generation, texts, outcome="client_closed")
+            raise
+        finally:
+            if self.store_content:
+                record.response = "".join(texts)
+            with anyio.CancelScope(shield=True):
+                await opened.rest.aclose()
+            self.recorder.finish(record)
+
+    def _bill_partial(self, record: RequestRecord, model: str, generation: GenerationRequest, texts: list[str],
+                      outcome: str | None = None) -> None:
+        """Usage and cost of a stream that ended early: the provider bills what it generated, so we
+        count it (with a tokenizer, as the provider's own count never arrived)."""
+        if record.usage.total_tokens == 0:
+            record.usage = complete_usage(None, generation, ["".join(texts)])
+        trace = record.trace
+        if trace is None:
+            return
+        price = self.router.backends[model].price
+        cost = price.cost(record.usage.prompt_tokens, record.usage.completion_tokens)
+        last = trace.attempts[-1] if trace.attempts else None
+        if outcome is None and last is not None and last.model == model:
+            last.cost_usd = cost  # the router already recorded this call's failure
+        else:
+            trace.attempts.append(Attempt(model, outcome or "failed_midstream",
+                                          time.perf_counter() - record.started, cost))
+        record.cost_usd = trace.cost_usd

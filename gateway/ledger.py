@@ -1,0 +1,230 @@
+"""The spend ledger: one row per API request (answered, failed or rejected), in SQL.
+
+Rows are handed to a writer thread and inserted in batches, so the request path never waits on the
+database. If the database is unreachable the writer keeps the rows and retries; rows it still holds
+at shutdown are appended to a JSON-lines spill file, so no request is lost. See docs/ledger.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Column,
+    DateTime,
+    Engine,
+    Float,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    event,
+    insert,
+    select,
+    text,
+)
+
+log = logging.getLogger("frugal.ledger")
+
+metadata = MetaData()
+
+requests_table = Table(
+    "frugal_requests",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("created_at", DateTime(timezone=True), nullable=False, index=True),
+    Column("key_id", String(128), index=True),
+    Column("endpoint", String(32), nullable=False),
+    #: The `model` the client asked for (a model or a route name).
+    Column("route", String(256)),
+    #: The model that answered, if any.
+    Column("model", String(256)),
+    Column("models_tried", JSON, nullable=False),
+    Column("status", Integer, nullable=False, index=True),
+    Column("error_code", String(64)),
+    Column("stream", Boolean, nullable=False),
+    Column("prompt_tokens", Integer, nullable=False),
+    Column("completion_tokens", Integer, nullable=False),
+    Column("tokens_estimated", Boolean, nullable=False),
+    Column("cost_usd", Float, nullable=False),
+    Column("latency_ms", Float, nullable=False),
+    Column("ttft_ms", Float),
+    #: "none" until the caches land; later "hit", "miss", "semantic-hit".
+    Column("cache", String(16), nullable=False),
+    Column("client_disconnected", Boolean, nullable=False),
+    Column("user", String(256)),
+    Column("trace", JSON),
+    Column("prompt", JSON),
+    Column("response", Text),
+)
+
+COLUMNS = tuple(c.name for c in requests_table.columns)
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")  # readers (dashboard, reports) never block the writer
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+def make_engine(url: str) -> Engine:
+    engine = create_engine(url, pool_pre_ping=True)
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+class _Flush:
+    __slots__ = ("done",)
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+
+
+class Ledger:
+    """Asynchronous, batched, loss-averse writer of ledger rows."""
+
+    def __init__(self, url: str, spill_path: str | Path, *, batch_size: int = 500,
+                 retry_interval_s: float = 1.0) -> None:
+        self.url = url
+        self.engine = make_engine(url)
+        self.spill_path = Path(spill_path)
+        self.batch_size = batch_size
+        self.retry_interval_s = retry_interval_s
+        self._queue: queue.SimpleQueue[dict[str, Any] | _Flush | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._schema_ready = False
+        self.written = 0
+        self.failures = 0
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._ensure_schema()
+        self._thread = threading.Thread(target=self._run, name="frugal-ledger", daemon=True)
+        self._thread.start()
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Write everything queued (or spill it), then stop the writer."""
+        if self._thread is None:
+            return
+        self._queue.put(None)
+        self._thread.join(timeout_s)
+        self._thread = None
+        self.engine.dispose()
+
+    # -- the request path -------------------------------------------------------------------------
+    def record(self, row: dict[str, Any]) -> None:
+        """Queue one row (never blocks, never raises)."""
+        self._queue.put(row)
+
+    def flush(self, timeout_s: float = 10.0) -> bool:
+        """Wait until every row queued before this call is written; False on timeout."""
+        marker = _Flush()
+        self._queue.put(marker)
+        return marker.done.wait(timeout_s)
+
+    # -- health and reads ---------------------------------------------------------------------------
+    def ping(self) -> bool:
+        try:
+            with self.engine.connect() as connection:
+                connection.execute(text("SELECT 1"))
+            return True
+        except Exception:  # any driver error means "not ready"
+            return False
+
+    def rows(self, limit: int = 100) -> list[dict[str, Any]]:
+        query = select(requests_table).order_by(requests_table.c.created_at.desc()).limit(limit)
+        with self.engine.connect() as connection:
+            return [dict(r._mapping) for r in connection.execute(query)]
+
+    # -- the writer thread ------------------------------------------------------------------------
+    def _ensure_schema(self) -> bool:
+        if not self._schema_ready:
+            try:
+                metadata.create_all(self.engine)
+                self._schema_ready = True
+            except Exception as exc:
+                log.error("ledger database %s not usable yet: %s", self.engine.url.render_as_string(), exc)
+        return self._schema_ready
+
+    def _write(self, rows: Sequence[dict[str, Any]]) -> bool:
+        if not rows:
+            return True
+        if not self._ensure_schema():
+            return False
+        try:
+            with self.engine.begin() as connection:
+                connection.execute(insert(requests_table), list(rows))
+        except Exception as exc:
+            self.failures += 1
+            log.error("ledger write of %d rows failed (will retry): %s", len(rows), exc)
+            return False
+        self.written += len(rows)
+        return True
+
+    def _spill(self, rows: Sequence[dict[str, Any]]) -> None:
+        with self.spill_path.open("ab") as handle:
+            for row in rows:
+                handle.write(orjson.dumps(row, default=str) + b"\n")
+        log.error("ledger database unreachable: %d rows spilled to %s", len(rows), self.spill_path)
+
+    def _run(self) -> None:
+        pending: list[dict[str, Any]] = []
+        markers: list[_Flush] = []
+        stopping = False
+        while True:
+            timeout = self.retry_interval_s if pending else None
+            try:
+                item = self._queue.get(timeout=timeout)
+            except queue.Empty:
+                item = None if stopping else _Flush()  # time to retry the pending rows
+                if item is None:
+                    break
+            while True:
+                if item is None:
+                    stopping = True
+                elif isinstance(item, _Flush):
+                    markers.append(item)
+                else:
+                    pending.append(item)
+                if len(pending) >= self.batch_size:
+                    break
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            if self._write(pending):
+                pending.clear()
+                for marker in markers:
+                    marker.done.set()
+                markers.clear()
+            elif stopping:
+                break
+            if stopping and self._queue.empty():
+                break
+        if pending:
+            self._spill(pending)
+        for marker in markers:
+            marker.done.set()
+
+
+def ledger_row(**fields: Any) -> dict[str, Any]:
+    """A complete row: every column present, timestamps in UTC."""
+    row = dict.fromkeys(COLUMNS)
+    row.update(fields)
+    if row["created_at"] is None:
+        row["created_at"] = datetime.now(UTC)
+    return row

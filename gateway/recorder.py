@@ -1,0 +1,115 @@
+"""What happened to one request, recorded once into the ledger and the metrics."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from gateway.ledger import Ledger, ledger_row
+from gateway.metrics import GatewayMetrics
+from router.trace import DecisionTrace
+from workers.backend import Usage
+
+log = logging.getLogger("frugal.requests")
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    request_id: str
+    endpoint: str
+    started: float = field(default_factory=time.perf_counter)
+    created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    key_id: str | None = None
+    route: str | None = None
+    #: The route label for metrics: a configured name, or "unknown".
+    route_label: str = "unknown"
+    stream: bool = False
+    status: int = 500
+    error_code: str | None = None
+    trace: DecisionTrace | None = None
+    usage: Usage = field(default_factory=Usage)
+    cost_usd: float = 0.0
+    ttft_s: float | None = None
+    client_disconnected: bool = False
+    user: str | None = None
+    prompt: Any = None
+    response: str | None = None
+    recorded: bool = False
+
+
+class Recorder:
+    def __init__(self, ledger: Ledger, metrics: GatewayMetrics, store_content: bool) -> None:
+        self.ledger = ledger
+        self.metrics = metrics
+        self.store_content = store_content
+
+    def finish(self, record: RequestRecord) -> None:
+        """Record `record` once; never raises (a bookkeeping failure must not fail the request)."""
+        if record.recorded:
+            return
+        record.recorded = True
+        latency_s = time.perf_counter() - record.started
+        try:
+            self._ledger(record, latency_s)
+            self._metrics(record, latency_s)
+        except Exception:
+            log.exception("recording request %s failed", record.request_id)
+        log.info(
+            "request id=%s endpoint=%s route=%s model=%s status=%s cost_usd=%.8f latency_ms=%.1f",
+            record.request_id, record.endpoint, record.route, record.trace.model if record.trace else None,
+            record.status, record.cost_usd, latency_s * 1000,
+        )
+
+    def _ledger(self, record: RequestRecord, latency_s: float) -> None:
+        trace = record.trace
+        self.ledger.record(ledger_row(
+            id=record.request_id,
+            created_at=record.created_at,
+            key_id=record.key_id,
+            endpoint=record.endpoint,
+            route=record.route[:256] if record.route else None,
+            model=trace.model if trace else None,
+            models_tried=trace.models_tried if trace else [],
+            status=record.status,
+            error_code=record.error_code,
+            stream=record.stream,
+            prompt_tokens=record.usage.prompt_tokens,
+            completion_tokens=record.usage.completion_tokens,
+            tokens_estimated=record.usage.estimated,
+            cost_usd=record.cost_usd,
+            latency_ms=latency_s * 1000,
+            ttft_ms=record.ttft_s * 1000 if record.ttft_s is not None else None,
+            cache="none",
+            client_disconnected=record.client_disconnected,
+            user=record.user,
+            trace=trace.to_dict() if trace else None,
+            prompt=record.prompt if self.store_content else None,
+            response=record.response if self.store_content else None,
+        ))
+
+    def _metrics(self, record: RequestRecord, latency_s: float) -> None:
+        m = self.metrics
+        trace = record.trace
+        model = trace.model if trace and trace.model else "none"
+        m.requests.labels(record.endpoint, record.route_label, model, str(record.status)).inc()
+        m.latency.labels(record.route_label, "true" if record.stream else "false").observe(latency_s)
+        if record.ttft_s is not None:
+            m.ttft.labels(record.route_label).observe(record.ttft_s)
+        if trace is None:
+            return
+        if trace.model:
+            m.tokens.labels(trace.model, "input").inc(record.usage.prompt_tokens)
+            m.tokens.labels(trace.model, "output").inc(record.usage.completion_tokens)
+            m.cost.labels(trace.model).inc(record.cost_usd)
+        for attempt in trace.attempts:
+            if attempt.outcome not in ("ok", "skipped_cooldown"):
+                m.upstream_errors.labels(attempt.model, attempt.outcome).inc()
+        calls = [a.model for a in trace.attempts if a.outcome != "skipped_cooldown"]
+        for position, name in enumerate(calls):
+            if name in calls[:position]:
+                m.retries.labels(name).inc()
+        if trace.fallbacks:
+            m.fallbacks.labels(record.route_label).inc(trace.fallbacks)

@@ -1,0 +1,212 @@
+"""Configuration: one YAML file, validated at start-up; secrets only from the environment.
+
+The file's path comes from `--config`, else `FRUGAL_CONFIG`, else the packaged default
+(`gateway/default_config.yaml`). Environment variables named in the file (`api_key_env`, `key_env`)
+supply the secrets; `FRUGAL_LEDGER_URL` overrides the ledger URL. See docs/configuration.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from workers.pricing import TokenPrice
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message says where and why."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    """A concrete model that clients can name, and how to reach it."""
+
+    name: str = Field(min_length=1)
+    #: litellm model string: "openai/gpt-4o-mini", "anthropic/claude-3-5-haiku-latest", "hosted_vllm/x" …
+    backend: str = Field(min_length=1)
+    #: "http": direct OpenAI-compatible HTTP (fast path); "litellm": through litellm; "auto": http for
+    #: openai-compatible providers with an api_base, litellm for everything else.
+    transport: Literal["auto", "http", "litellm"] = "auto"
+    api_base: str | None = None
+    api_base_env: str | None = None
+    api_key_env: str | None = None
+    input_cost_per_token: float = Field(default=0.0, ge=0)
+    output_cost_per_token: float = Field(default=0.0, ge=0)
+    context_length: int | None = Field(default=None, gt=0)
+    #: Seconds for a whole answer (or, streaming, for each chunk).
+    timeout_s: float = Field(default=60.0, gt=0)
+    #: Retries on this model for retryable failures (timeouts, 429, 5xx, connection errors).
+    max_retries: int = Field(default=2, ge=0, le=10)
+
+    @property
+    def price(self) -> TokenPrice:
+        return TokenPrice(self.input_cost_per_token, self.output_cost_per_token)
+
+    def resolved_api_base(self) -> str | None:
+        if self.api_base_env and os.environ.get(self.api_base_env):
+            return os.environ[self.api_base_env]
+        return self.api_base
+
+    def resolved_api_key(self) -> str | None:
+        return os.environ.get(self.api_key_env) if self.api_key_env else None
+
+
+class RouteConfig(_Strict):
+    """A name clients can use for an ordered list of models; until the cascade, a fallback list."""
+
+    name: str = Field(min_length=1)
+    kind: Literal["fallback"] = "fallback"
+    models: list[str] = Field(min_length=1)
+
+
+class KeyConfig(_Strict):
+    """A client API key. The secret is never in the file: either an env var holds it, or the file holds
+    its SHA-256 (`printf %s "$KEY" | sha256sum`)."""
+
+    id: str = Field(min_length=1)
+    key_env: str | None = None
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    #: Requests per minute for this key (overrides limits.requests_per_minute).
+    requests_per_minute: int | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> KeyConfig:
+        if (self.key_env is None) == (self.sha256 is None):
+            raise ValueError("give exactly one of key_env or sha256")
+        return self
+
+    def digest(self) -> str | None:
+        """SHA-256 of the key, or None when its env var is unset."""
+        if self.sha256:
+            return self.sha256
+        secret = os.environ.get(self.key_env or "")
+        return hashlib.sha256(secret.encode()).hexdigest() if secret else None
+
+
+class AuthConfig(_Strict):
+    #: false only for a gateway that nobody but its host can reach.
+    required: bool = True
+    keys: list[KeyConfig] = Field(default_factory=list)
+
+
+class LimitsConfig(_Strict):
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
+    #: Default per-key request rate; None = unlimited.
+    requests_per_minute: int | None = Field(default=None, gt=0)
+
+
+class RetryConfig(_Strict):
+    backoff_base_s: float = Field(default=0.25, ge=0)
+    backoff_max_s: float = Field(default=4.0, ge=0)
+
+
+class CooldownConfig(_Strict):
+    #: Failures within `window_s` that put a model in cooldown.
+    failures: int = Field(default=3, ge=1)
+    window_s: float = Field(default=60.0, gt=0)
+    cooldown_s: float = Field(default=30.0, ge=0)
+
+
+class LedgerConfig(_Strict):
+    #: SQLAlchemy URL. SQLite by default; postgresql+psycopg://user@host/db for PostgreSQL.
+    url: str = "sqlite:///frugal-ledger.db"
+    #: Store prompts and answers in the ledger (off by default: they may be personal data).
+    store_content: bool = False
+    #: Where records go if the database stays unreachable at shutdown (JSON lines).
+    spill_path: str = "frugal-ledger-spill.jsonl"
+
+
+class ServerConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+
+
+class FrugalConfig(_Strict):
+    server: ServerConfig = ServerConfig()
+    models: list[ModelConfig] = Field(default_factory=list)
+    routes: list[RouteConfig] = Field(default_factory=list)
+    auth: AuthConfig = AuthConfig()
+    limits: LimitsConfig = LimitsConfig()
+    retry: RetryConfig = RetryConfig()
+    cooldown: CooldownConfig = CooldownConfig()
+    ledger: LedgerConfig = LedgerConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FrugalConfig:
+        names = [m.name for m in self.models]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"model names must be unique; repeated: {', '.join(duplicates)}")
+        for route in self.routes:
+            if route.name in names:
+                raise ValueError(f"route {route.name!r} has the same name as a model")
+            missing = [m for m in route.models if m not in names]
+            if missing:
+                raise ValueError(f"route {route.name!r} names unknown models: {', '.join(missing)}")
+        route_names = [r.name for r in self.routes]
+        if len(set(route_names)) != len(route_names):
+            raise ValueError("route names must be unique")
+        key_ids = [k.id for k in self.auth.keys]
+        if len(set(key_ids)) != len(key_ids):
+            raise ValueError("key ids must be unique")
+        return self
+
+
+class EnvSettings(BaseSettings):
+    """Process-level settings from the environment (FRUGAL_*)."""
+
+    model_config = SettingsConfigDict(env_prefix="FRUGAL_", extra="ignore")
+
+    config: str | None = None
+    ledger_url: str | None = None
+
+
+def parse_config(text: str, origin: str = "<config>") -> FrugalConfig:
+    """Validate a YAML document; `ConfigError` names the offending field."""
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{origin}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{origin}: the top level must be a mapping")
+    try:
+        config = FrugalConfig.model_validate(raw)
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            where = ".".join(str(p) for p in error["loc"]) or "(top level)"
+            lines.append(f"  {where}: {error['msg']}")
+        raise ConfigError(f"{origin}: invalid configuration:\n" + "\n".join(lines)) from exc
+    env = EnvSettings()
+    if env.ledger_url:
+        config = config.model_copy(
+            update={"ledger": config.ledger.model_copy(update={"url": env.ledger_url})}
+        )
+    return config
+
+
+def default_config_text() -> str:
+    return resources.files("gateway").joinpath("default_config.yaml").read_text()
+
+
+def load_config(path: str | Path | None = None) -> FrugalConfig:
+    """Load `path`, else $FRUGAL_CONFIG, else the packaged default."""
+    chosen = path or EnvSettings().config
+    if chosen is None:
+        return parse_config(default_config_text(), "default_config.yaml")
+    file = Path(chosen)
+    try:
+        text = file.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {file}: {exc.strerror}") from exc
+    return parse_config(text, str(file))

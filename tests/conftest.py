@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from tests.harness import TINY_ROWS, Gateway, Service, TempPostgres, standin, write_dataset
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_dataset(tmp_path_factory.mktemp("data") / "tiny.jsonl.gz", TINY_ROWS)
+
+
+@pytest.fixture(scope="session")
+def standin_server(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> Iterator[Service]:
+    """The stand-in provider, answering from a small data file in the data pack's schema."""
+    service = standin(tmp_path_factory.mktemp("standin"), [tiny_data])
+    yield service
+    service.stop()
+
+
+@pytest.fixture
+def make_gateway(tmp_path: Path) -> Iterator[Callable[..., Gateway]]:
+    started: list[Gateway] = []
+
+    def make(config: dict[str, Any], env: dict[str, str] | None = None) -> Gateway:
+        gateway = Gateway(tmp_path, config, env)
+        gateway.start()
+        started.append(gateway)
+        return gateway
+
+    yield make
+    for gateway in started:
+        gateway.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A reachable PostgreSQL server's URL: $FRUGAL_TEST_POSTGRES_URL, the local one on 5432, or one
+    the tests start themselves (initdb + pg_ctl on a free port)."""
+    candidates = [os.environ.get("FRUGAL_TEST_POSTGRES_URL"), "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"]
+    for url in filter(None, candidates):
+        engine = create_engine(url)
+        try:
+            with engine.connect() as connection:
+                connection.execute(text("SELECT 1"))
+        except Exception:
+            continue
+        finally:
+            engine.dispose()
+        yield url
+        return
+    server = TempPostgres(tmp_path_factory.mktemp("postgres"))
+    url = server.start()
+    yield url
+    server.stop()
+
+
+@pytest.fixture
+def postgres_db(postgres_server: str) -> Iterator[str]:
+    """A database of this test's own on the server (dropped afterwards); nothing else is touched."""
+    name = f"frugal_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(postgres_server, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    base, _, _ = postgres_server.rpartition("/")
+    yield f"{base}/{name}"
+    with admin.connect() as connection:
+        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()

@@ -1,0 +1,139 @@
+"""The one extension point for text generation.
+
+Every model Frugal can call (a remote provider through litellm, a plain OpenAI-compatible server over
+HTTP, later the local ONNX Runtime engine) is a `Backend`. The router knows nothing else about them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from workers.pricing import TokenPrice
+
+RequestKind = Literal["chat", "completion"]
+
+#: OpenAI request parameters that a backend forwards to the model unchanged (when set).
+SAMPLING_PARAMS: tuple[str, ...] = (
+    "temperature",
+    "top_p",
+    "max_tokens",
+    "max_completion_tokens",
+    "stop",
+    "seed",
+    "n",
+    "user",
+    "logprobs",
+    "top_logprobs",
+    "response_format",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+)
+
+
+@dataclass(slots=True)
+class GenerationRequest:
+    """What to generate: chat messages (kind="chat") or a raw prompt (kind="completion")."""
+
+    kind: RequestKind
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    prompt: str = ""
+    #: Parameters from `SAMPLING_PARAMS`, already validated by the gateway.
+    params: dict[str, Any] = field(default_factory=dict)
+    #: Seconds to wait for the whole answer (non-streaming) or for each chunk (streaming).
+    timeout_s: float = 60.0
+
+
+@dataclass(slots=True)
+class TopLogprob:
+    token: str
+    logprob: float
+
+
+@dataclass(slots=True)
+class TokenLogprob:
+    token: str
+    logprob: float
+    top: list[TopLogprob] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    #: True when the provider gave no counts and they were counted with a tokenizer.
+    estimated: bool = False
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(slots=True)
+class Choice:
+    index: int
+    text: str
+    finish_reason: str | None
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass(slots=True)
+class GenerationResult:
+    """A finished answer, with what it cost and how long it took."""
+
+    model: str
+    choices: list[Choice]
+    usage: Usage
+    latency_s: float
+    cost_usd: float
+
+    @property
+    def text(self) -> str:
+        return self.choices[0].text if self.choices else ""
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.choices[0].finish_reason if self.choices else None
+
+
+@dataclass(slots=True)
+class StreamChunk:
+    """One increment of a streamed answer.
+
+    Text chunks carry `text` (and `logprobs` when asked for); a choice's last chunk carries its
+    `finish_reason`. The stream's final chunk carries `usage` and `cost_usd` (text empty).
+    """
+
+    index: int = 0
+    text: str = ""
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None
+    usage: Usage | None = None
+    cost_usd: float | None = None
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A model that can answer a `GenerationRequest`.
+
+    Implementations raise `workers.errors.BackendError` (or a subclass) for every failure, so the
+    router can decide about retries and fallbacks without knowing the provider.
+    """
+
+    #: The deployment name from the configuration (what clients put in `model`).
+    name: str
+    price: TokenPrice
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        """Answer in full."""
+        ...
+
+    def stream(self, request: GenerationRequest) -> AsyncIterator[StreamChunk]:
+        """Answer incrementally; the last chunk carries usage and cost."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections."""
+        ...

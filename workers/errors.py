@@ -1,0 +1,67 @@
+"""Backend failures, described so the router can act on them without knowing the provider."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class FailureKind(StrEnum):
+    TIMEOUT = "timeout"
+    RATE_LIMITED = "rate_limited"
+    SERVER = "server_error"
+    CONNECTION = "connection_error"
+    BAD_REQUEST = "bad_request"
+    AUTH = "auth_error"
+    NOT_FOUND = "not_found"
+    CONTEXT_WINDOW = "context_window_exceeded"
+    UNKNOWN = "unknown"
+
+
+#: Failures worth retrying on the same deployment (after a backoff).
+RETRYABLE = frozenset(
+    {FailureKind.TIMEOUT, FailureKind.RATE_LIMITED, FailureKind.SERVER, FailureKind.CONNECTION}
+)
+#: Failures that say the request itself is wrong: another model would reject it too.
+CLIENT_FAULT = frozenset({FailureKind.BAD_REQUEST})
+
+
+class BackendError(Exception):
+    """A backend could not answer."""
+
+    def __init__(
+        self,
+        kind: FailureKind,
+        message: str,
+        *,
+        status: int | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.status = status
+        self.retry_after_s = retry_after_s
+
+    @property
+    def retryable(self) -> bool:
+        return self.kind in RETRYABLE
+
+    def __repr__(self) -> str:
+        return f"BackendError({self.kind.value}, status={self.status}, {self.message!r})"
+
+
+def kind_for_status(status: int) -> FailureKind:
+    """Classify an upstream HTTP status the way OpenAI-compatible providers use them."""
+    if status == 408:
+        return FailureKind.TIMEOUT
+    if status == 429:
+        return FailureKind.RATE_LIMITED
+    if status in (401, 403):
+        return FailureKind.AUTH
+    if status == 404:
+        return FailureKind.NOT_FOUND
+    if status in (400, 413, 422):
+        return FailureKind.BAD_REQUEST
+    if status >= 500:
+        return FailureKind.SERVER
+    return FailureKind.UNKNOWN

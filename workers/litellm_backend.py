@@ -1,0 +1,118 @@
+"""A backend for any provider litellm knows (OpenAI, Anthropic, vLLM, Ollama, Bedrock …).
+
+litellm does the provider-specific request and response translation; we keep retries, fallbacks,
+cooldowns and pricing in our own hands (litellm's `num_retries` is 0 here), so every provider
+behaves the same way under the router.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from workers.backend import GenerationRequest, GenerationResult, StreamChunk, Usage
+from workers.errors import BackendError, FailureKind, kind_for_status
+from workers.litellm_loader import load_litellm
+from workers.openai_format import parse_response, parse_stream_chunk
+from workers.remote import RemoteModel, choice_texts, complete_usage, request_body
+
+
+def _to_dict(obj: Any) -> dict[str, Any]:
+    if isinstance(obj, dict):
+        return obj
+    return obj.model_dump() if hasattr(obj, "model_dump") else dict(obj)
+
+
+class LiteLLMBackend:
+    """`Backend` that calls a provider through `litellm.acompletion` / `atext_completion`."""
+
+    def __init__(self, model: RemoteModel) -> None:
+        self.name = model.name
+        self.price = model.price
+        self._model = model
+        self._litellm = load_litellm()
+
+    def _kwargs(self, request: GenerationRequest, *, stream: bool) -> dict[str, Any]:
+        kwargs = request_body(self._model, request, stream=stream)
+        kwargs["model"] = self._model.litellm_model
+        kwargs["timeout"] = request.timeout_s
+        kwargs["num_retries"] = 0
+        if self._model.api_base:
+            kwargs["api_base"] = self._model.api_base
+        if self._model.api_key:
+            kwargs["api_key"] = self._model.api_key
+        if self._model.extra_headers:
+            kwargs["extra_headers"] = dict(self._model.extra_headers)
+        return kwargs
+
+    def _call(self, request: GenerationRequest) -> Any:
+        if request.kind == "chat":
+            return self._litellm.acompletion
+        return self._litellm.atext_completion
+
+    def _error(self, exc: Exception) -> BackendError:
+        exceptions = self._litellm.exceptions
+        message = f"{self.name}: {type(exc).__name__}: {getattr(exc, 'message', None) or exc}"
+        status = getattr(exc, "status_code", None)
+        retry_after = None
+        response = getattr(exc, "response", None)
+        headers = getattr(response, "headers", None)
+        if headers is not None and headers.get("retry-after"):
+            try:
+                retry_after = float(headers["retry-after"])
+            except ValueError:
+                retry_after = None
+        if isinstance(exc, exceptions.Timeout):
+            kind = FailureKind.TIMEOUT
+        elif isinstance(exc, exceptions.ContextWindowExceededError):
+            kind = FailureKind.CONTEXT_WINDOW
+        elif isinstance(exc, exceptions.APIConnectionError):
+            kind = FailureKind.CONNECTION
+        elif isinstance(status, int):
+            kind = kind_for_status(status)
+        else:
+            kind = FailureKind.UNKNOWN
+        return BackendError(kind, message, status=status if isinstance(status, int) else None,
+                            retry_after_s=retry_after)
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        started = time.perf_counter()
+        try:
+            response = await self._call(request)(**self._kwargs(request, stream=False))
+        except BackendError:
+            raise
+        except Exception as exc:  # litellm raises its own exception tree; classify all of it
+            raise self._error(exc) from exc
+        choices, usage = parse_response(request.kind, _to_dict(response))
+        usage = complete_usage(usage, request, choice_texts(choices))
+        return GenerationResult(
+            model=self.name,
+            choices=choices,
+            usage=usage,
+            latency_s=time.perf_counter() - started,
+            cost_usd=self.price.cost(usage.prompt_tokens, usage.completion_tokens),
+        )
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamChunk]:
+        usage: Usage | None = None
+        texts: dict[int, list[str]] = {}
+        try:
+            response = await self._call(request)(**self._kwargs(request, stream=True))
+            async for raw in response:
+                chunks, chunk_usage = parse_stream_chunk(request.kind, _to_dict(raw))
+                usage = chunk_usage or usage
+                for chunk in chunks:
+                    texts.setdefault(chunk.index, []).append(chunk.text)
+                    yield chunk
+        except BackendError:
+            raise
+        except Exception as exc:
+            raise self._error(exc) from exc
+        final = complete_usage(usage, request, ["".join(t) for t in texts.values()])
+        yield StreamChunk(
+            usage=final, cost_usd=self.price.cost(final.prompt_tokens, final.completion_tokens)
+        )
+
+    async def aclose(self) -> None:
+        return None

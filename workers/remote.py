@@ -1,0 +1,69 @@
+"""What the two remote backends (litellm and plain HTTP) share: their settings and usage accounting."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from workers.backend import Choice, GenerationRequest, Usage
+from workers.pricing import TokenPrice
+from workers.tokens import count_message_tokens, count_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteModel:
+    """A model served by a remote provider."""
+
+    #: Deployment name (what clients ask for).
+    name: str
+    #: litellm model string, e.g. "openai/gpt-4o-mini", "anthropic/claude-3-5-haiku-latest".
+    litellm_model: str
+    price: TokenPrice = field(default_factory=TokenPrice)
+    api_base: str | None = None
+    api_key: str | None = None
+    extra_headers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def provider(self) -> str:
+        return self.litellm_model.split("/", 1)[0] if "/" in self.litellm_model else "openai"
+
+    @property
+    def upstream_model(self) -> str:
+        """The model name as the provider's own API spells it (litellm prefix removed)."""
+        return self.litellm_model.split("/", 1)[1] if "/" in self.litellm_model else self.litellm_model
+
+
+def prompt_tokens_of(request: GenerationRequest) -> int:
+    if request.kind == "chat":
+        return count_message_tokens(request.messages)
+    return count_tokens(request.prompt)
+
+
+def complete_usage(usage: Usage | None, request: GenerationRequest, texts: list[str]) -> Usage:
+    """The provider's usage, or a tokenizer count when it reported none (so cost is never lost)."""
+    if usage is not None:
+        return usage
+    return Usage(
+        prompt_tokens=prompt_tokens_of(request),
+        completion_tokens=sum(count_tokens(t) for t in texts),
+        estimated=True,
+    )
+
+
+def choice_texts(choices: list[Choice]) -> list[str]:
+    return [c.text for c in choices]
+
+
+def request_body(model: RemoteModel, request: GenerationRequest, *, stream: bool) -> dict[str, Any]:
+    """The OpenAI-format body for `request` (also the keyword arguments litellm takes)."""
+    body: dict[str, Any] = {"model": model.upstream_model}
+    if request.kind == "chat":
+        body["messages"] = request.messages
+    else:
+        body["prompt"] = request.prompt
+    body.update(request.params)
+    if stream:
+        body["stream"] = True
+        # Always ask for usage: cost accounting needs it, whatever the client asked for.
+        body["stream_options"] = {"include_usage": True}
+    return body
