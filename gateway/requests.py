@@ -34,7 +34,8 @@ UNSUPPORTED: dict[str, str] = {
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: "yes" is not a boolean and "1" is not a number, as in OpenAI's own API.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class TextPart(_Body):

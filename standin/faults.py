@@ -18,6 +18,8 @@ class FaultRule:
     chunk_latency_ms: float = 0.0
     count: int | None = None
     message: str = "injected failure"
+    #: Streaming only: break the connection after this many content chunks.
+    fail_after_chunks: int | None = None
 
 
 @dataclass(slots=True)
@@ -29,6 +31,7 @@ class Behaviour:
     status: int | None = None
     hang: bool = False
     message: str = ""
+    fail_after_chunks: int | None = None
 
 
 class Faults:
@@ -78,6 +81,7 @@ class Faults:
                 behaviour.status = rule.status
                 behaviour.hang = rule.hang
                 behaviour.message = rule.message
+                behaviour.fail_after_chunks = rule.fail_after_chunks
                 return behaviour
             if self.hang_rate and self._random.random() < self.hang_rate:
                 behaviour.hang = True

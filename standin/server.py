@@ -20,7 +20,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from standin.data import RecordedAnswers, Recording, deterministic_answer
-from standin.faults import FaultRule, Faults
+from standin.faults import Behaviour, FaultRule, Faults
 from workers.tokens import count_tokens, split_tokens
 
 
@@ -162,8 +162,7 @@ class StandIn:
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             return StreamingResponse(
-                self._stream(kind, model, answer, n, want_logprobs, top_n, include_usage,
-                             behaviour.chunk_latency_ms),
+                self._stream(kind, model, answer, n, want_logprobs, top_n, include_usage, behaviour),
                 media_type="text/event-stream",
             )
         choices = []
@@ -190,7 +189,7 @@ class StandIn:
         })
 
     async def _stream(self, kind: str, model: str, answer: _Answer, n: int, want_logprobs: bool,
-                      top_n: int, include_usage: bool, chunk_latency_ms: float) -> AsyncIterator[bytes]:
+                      top_n: int, include_usage: bool, behaviour: Behaviour) -> AsyncIterator[bytes]:
         ident = f"standin-{uuid.uuid4().hex}"
         created = int(time.time())
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
@@ -205,9 +204,11 @@ class StandIn:
         if kind == "chat":
             yield frame([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
                          for i in range(n)])
-        for piece in answer.pieces:
-            if chunk_latency_ms:
-                await asyncio.sleep(chunk_latency_ms / 1000)
+        for position, piece in enumerate(answer.pieces):
+            if position == behaviour.fail_after_chunks:
+                raise ConnectionAbortedError("injected mid-stream failure")  # the server drops the connection
+            if behaviour.chunk_latency_ms:
+                await asyncio.sleep(behaviour.chunk_latency_ms / 1000)
             logprobs = self._logprobs(kind, answer, [piece], top_n) if want_logprobs else None
             if kind == "chat":
                 yield frame([{"index": i, "delta": {"content": piece}, "logprobs": logprobs,
