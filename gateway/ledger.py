@@ -69,7 +69,7 @@ requests_table = Table(
     Column("response", Text),
 )
 
-COLUMNS = tuple(c.name for c in requests_table.columns)
+COLUMNS = tuple(str(c.name) for c in requests_table.columns)  # plain str: orjson refuses subclasses
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -157,6 +157,7 @@ class Ledger:
                 metadata.create_all(self.engine)
                 self._schema_ready = True
             except Exception as exc:
+                self.failures += 1
                 log.error("ledger database %s not usable yet: %s", self.engine.url.render_as_string(), exc)
         return self._schema_ready
 
@@ -178,7 +179,7 @@ class Ledger:
     def _spill(self, rows: Sequence[dict[str, Any]]) -> None:
         with self.spill_path.open("ab") as handle:
             for row in rows:
-                handle.write(orjson.dumps(row, default=str) + b"\n")
+                handle.write(orjson.dumps(row, default=str, option=orjson.OPT_NON_STR_KEYS) + b"\n")
         log.error("ledger database unreachable: %d rows spilled to %s", len(rows), self.spill_path)
 
     def _run(self) -> None:

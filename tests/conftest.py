@@ -43,8 +43,10 @@ def make_gateway(tmp_path: Path) -> Iterator[Callable[..., Gateway]]:
 @pytest.fixture(scope="session")
 def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A reachable PostgreSQL server's URL: $FRUGAL_TEST_POSTGRES_URL, the local one on 5432, or one
-    the tests start themselves (initdb + pg_ctl on a free port)."""
+    the tests start themselves (initdb + pg_ctl on a free port; always with FRUGAL_TEST_POSTGRES=own)."""
     candidates = [os.environ.get("FRUGAL_TEST_POSTGRES_URL"), "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"]
+    if os.environ.get("FRUGAL_TEST_POSTGRES") == "own":  # force the self-started server (to test that path)
+        candidates = []
     for url in filter(None, candidates):
         engine = create_engine(url)
         try:
@@ -56,7 +58,7 @@ def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             engine.dispose()
         yield url
         return
-    server = TempPostgres(tmp_path_factory.mktemp("postgres"))
+    server = TempPostgres()
     url = server.start()
     yield url
     server.stop()

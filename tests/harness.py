@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -214,24 +215,26 @@ def find_pg_bin() -> Path | None:
 class TempPostgres:
     """A PostgreSQL cluster of the tests' own, in a temporary folder, on a free port."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self) -> None:
         bindir = find_pg_bin()
         if bindir is None:
             raise RuntimeError("no PostgreSQL server binaries (run `make services`)")
         self.bindir = bindir
-        self.root = root
+        # Not under pytest's tmp folder: PostgreSQL refuses to run as root, and its user must reach this.
+        self.root = Path(tempfile.mkdtemp(prefix="frugal-test-pg-"))
         self.port = free_port()
-        self.datadir = root / "pgdata"
+        self.datadir = self.root / "pgdata"
         self.user = "postgres" if os.geteuid() == 0 else None
 
     def _run(self, *args: str) -> None:
         command = list(args)
         if self.user:
             command = ["runuser", "-u", self.user, "--", *command]
-        subprocess.run(command, check=True, capture_output=True)
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"{' '.join(args)} failed ({done.returncode}): {done.stderr[-2000:]}")
 
     def start(self) -> str:
-        self.root.mkdir(parents=True, exist_ok=True)
         if self.user:
             shutil.chown(self.root, self.user)
         self._run(str(self.bindir / "initdb"), "-D", str(self.datadir), "-A", "trust", "-U", "postgres")
@@ -241,3 +244,4 @@ class TempPostgres:
 
     def stop(self) -> None:
         self._run(str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-m", "fast", "-w", "stop")
+        shutil.rmtree(self.root, ignore_errors=True)
