@@ -33,6 +33,9 @@ def build_backend(model: ModelConfig) -> Backend:
         api_base=model.resolved_api_base(),
         api_key=model.resolved_api_key(),
     )
+    if model.api_key_env and remote.api_key is None:
+        log.warning("model %s: environment variable %s is not set; calls will go without an API key",
+                    model.name, model.api_key_env)
     transport = transport_for(model)
     log.info("model %s: %s via %s", model.name, model.backend, transport)
     if transport == "http":
