@@ -4,7 +4,6 @@ record. Every request, whatever its outcome, is recorded exactly once (`Recorder
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import AsyncIterator
 
 import anyio
@@ -13,6 +12,7 @@ from starlette.responses import Response, StreamingResponse
 
 from gateway.auth import KeyStore
 from gateway.errors import APIError, model_not_found, rate_limited
+from gateway.ids import RequestIds
 from gateway.ratelimit import RateLimiter
 from gateway.recorder import Recorder, RequestRecord
 from gateway.requests import ParsedRequest, parse_request, read_json
@@ -60,9 +60,10 @@ class CompletionsEndpoint:
         self.max_body_bytes = max_body_bytes
         self.default_timeout_s = default_timeout_s
         self.store_content = store_content
+        self.ids = RequestIds()
 
     async def handle(self, request: Request, kind: RequestKind) -> Response:
-        record = RequestRecord(request_id=uuid.uuid4().hex, endpoint=kind)
+        record = RequestRecord(request_id=self.ids.next(), endpoint=kind)
         handed_to_stream = False
         try:
             client = self.keys.authenticate(request)

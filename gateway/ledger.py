@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -96,12 +97,14 @@ class _Flush:
 class Ledger:
     """Asynchronous, batched, loss-averse writer of ledger rows."""
 
-    def __init__(self, url: str, spill_path: str | Path, *, batch_size: int = 500,
+    def __init__(self, url: str, spill_path: str | Path, *, batch_size: int = 500, linger_s: float = 0.05,
                  retry_interval_s: float = 1.0) -> None:
         self.url = url
         self.engine = make_engine(url)
         self.spill_path = Path(spill_path)
         self.batch_size = batch_size
+        #: After the first row of a batch arrives, wait this long for more: one commit per batch, not per row.
+        self.linger_s = linger_s
         self.retry_interval_s = retry_interval_s
         self._queue: queue.SimpleQueue[dict[str, Any] | _Flush | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -194,6 +197,7 @@ class Ledger:
                 item = None if stopping else _Flush()  # time to retry the pending rows
                 if item is None:
                     break
+            linger_until = time.monotonic() + self.linger_s
             while True:
                 if item is None:
                     stopping = True
@@ -203,8 +207,10 @@ class Ledger:
                     pending.append(item)
                 if len(pending) >= self.batch_size:
                     break
+                # Someone waits (flush, shutdown): take what is queued now; otherwise linger for more rows.
+                wait = 0.0 if stopping or markers else linger_until - time.monotonic()
                 try:
-                    item = self._queue.get_nowait()
+                    item = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
                 except queue.Empty:
                     break
             if self._write(pending):

@@ -1,17 +1,20 @@
 """A backend for plain OpenAI-compatible servers (vLLM, llama.cpp server, TGI, OpenAI itself).
 
-This is the hot-path transport: one pooled httpx client, the body forwarded as the client sent it,
-the response read with orjson. litellm adds 5-7 ms of per-call work that a server already speaking
-OpenAI's protocol does not need (see docs/BENCHMARKS.md); providers that need translation use
+This is the hot-path transport: one pooled aiohttp session, the body forwarded as the client sent it,
+the response read with orjson. litellm adds milliseconds of per-call work that a server already
+speaking OpenAI's protocol does not need, and httpx's connection pool costs more per request than
+aiohttp's (measured: docs/BENCHMARKS.md); providers that need translation use
 `workers.litellm_backend` instead.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
-import httpx
+import aiohttp
 import orjson
 
 from workers.backend import GenerationRequest, GenerationResult, StreamChunk, Usage
@@ -20,26 +23,12 @@ from workers.openai_format import error_message, parse_response, parse_stream_ch
 from workers.remote import RemoteModel, choice_texts, complete_usage, request_body
 
 
-def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after")
+def _retry_after(headers: Any) -> float | None:
+    value = headers.get("retry-after")
     try:
         return float(value) if value is not None else None
     except ValueError:
         return None
-
-
-def _status_error(model: RemoteModel, status: int, content: bytes, response: httpx.Response) -> BackendError:
-    try:
-        body = orjson.loads(content) if content else None
-    except orjson.JSONDecodeError:
-        body = None
-    message = error_message(body, content[:200].decode("utf-8", "replace") or f"HTTP {status}")
-    return BackendError(
-        kind_for_status(status),
-        f"{model.name}: upstream answered {status}: {message}",
-        status=status,
-        retry_after_s=_retry_after(response),
-    )
 
 
 class HTTPBackend:
@@ -51,39 +40,49 @@ class HTTPBackend:
         self.name = model.name
         self.price = model.price
         self._model = model
-        headers = {"content-type": "application/json", **model.extra_headers}
+        base = model.api_base.rstrip("/")
+        self._urls = {"chat": f"{base}/chat/completions", "completion": f"{base}/completions"}
+        self._headers = {"content-type": "application/json", **model.extra_headers}
         if model.api_key:
-            headers["authorization"] = f"Bearer {model.api_key}"
-        self._client = httpx.AsyncClient(
-            base_url=model.api_base.rstrip("/"),
-            headers=headers,
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
-        )
+            self._headers["authorization"] = f"Bearer {model.api_key}"
+        self._max_connections = max_connections
+        self._session: aiohttp.ClientSession | None = None
 
-    def _path(self, request: GenerationRequest) -> str:
-        return "/chat/completions" if request.kind == "chat" else "/completions"
+    def _client(self) -> aiohttp.ClientSession:
+        # Created on first use, inside the running event loop (aiohttp binds a session to its loop).
+        if self._session is None:
+            connector = aiohttp.TCPConnector(limit=self._max_connections, ttl_dns_cache=300)
+            self._session = aiohttp.ClientSession(connector=connector, headers=self._headers,
+                                                  auto_decompress=True, raise_for_status=False)
+        return self._session
 
-    def _timeout(self, request: GenerationRequest) -> httpx.Timeout:
-        return httpx.Timeout(request.timeout_s, connect=min(request.timeout_s, 10.0))
+    def _status_error(self, status: int, content: bytes, headers: Any) -> BackendError:
+        try:
+            body = orjson.loads(content) if content else None
+        except orjson.JSONDecodeError:
+            body = None
+        message = error_message(body, content[:200].decode("utf-8", "replace") or f"HTTP {status}")
+        return BackendError(kind_for_status(status), f"{self.name}: upstream answered {status}: {message}",
+                            status=status, retry_after_s=_retry_after(headers))
 
-    def _transport_error(self, exc: httpx.HTTPError) -> BackendError:
-        if isinstance(exc, httpx.TimeoutException):
-            return BackendError(FailureKind.TIMEOUT, f"{self.name}: upstream timed out ({type(exc).__name__})")
-        return BackendError(FailureKind.CONNECTION, f"{self.name}: upstream unreachable ({type(exc).__name__})")
+    def _transport_error(self, exc: BaseException) -> BackendError:
+        if isinstance(exc, TimeoutError):
+            return BackendError(FailureKind.TIMEOUT, f"{self.name}: upstream timed out")
+        return BackendError(FailureKind.CONNECTION, f"{self.name}: upstream connection failed ({type(exc).__name__})")
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         started = time.perf_counter()
         content = orjson.dumps(request_body(self._model, request, stream=False))
+        timeout = aiohttp.ClientTimeout(total=request.timeout_s, connect=min(request.timeout_s, 10.0))
         try:
-            response = await self._client.post(
-                self._path(request), content=content, timeout=self._timeout(request)
-            )
-        except httpx.HTTPError as exc:
+            async with self._client().post(self._urls[request.kind], data=content, timeout=timeout) as response:
+                raw = await response.read()
+                if response.status >= 400:
+                    raise self._status_error(response.status, raw, response.headers)
+        except (TimeoutError, aiohttp.ClientError) as exc:
             raise self._transport_error(exc) from exc
-        if response.status_code >= 400:
-            raise _status_error(self._model, response.status_code, response.content, response)
         try:
-            body = orjson.loads(response.content)
+            body = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
             raise BackendError(FailureKind.SERVER, f"{self.name}: upstream sent invalid JSON") from exc
         choices, usage = parse_response(request.kind, body)
@@ -98,19 +97,20 @@ class HTTPBackend:
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamChunk]:
         content = orjson.dumps(request_body(self._model, request, stream=True))
+        # No total deadline for a stream: each read (first token, then every chunk) gets timeout_s.
+        timeout = aiohttp.ClientTimeout(total=None, connect=min(request.timeout_s, 10.0),
+                                        sock_read=request.timeout_s)
         usage: Usage | None = None
         texts: dict[int, list[str]] = {}
         try:
-            async with self._client.stream(
-                "POST", self._path(request), content=content, timeout=self._timeout(request)
-            ) as response:
-                if response.status_code >= 400:
-                    raise _status_error(self._model, response.status_code, await response.aread(), response)
-                async for line in response.aiter_lines():
-                    if not line.startswith("data:"):
+            async with self._client().post(self._urls[request.kind], data=content, timeout=timeout) as response:
+                if response.status >= 400:
+                    raise self._status_error(response.status, await response.read(), response.headers)
+                async for raw_line in response.content:
+                    if not raw_line.startswith(b"data:"):
                         continue
-                    data = line[5:].strip()
-                    if data == "[DONE]":
+                    data = raw_line[5:].strip()
+                    if data == b"[DONE]":
                         break
                     try:
                         body = orjson.loads(data)
@@ -123,12 +123,12 @@ class HTTPBackend:
                     for chunk in chunks:
                         texts.setdefault(chunk.index, []).append(chunk.text)
                         yield chunk
-        except httpx.HTTPError as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             raise self._transport_error(exc) from exc
         final = complete_usage(usage, request, ["".join(t) for t in texts.values()])
-        yield StreamChunk(
-            usage=final, cost_usd=self.price.cost(final.prompt_tokens, final.completion_tokens)
-        )
+        yield StreamChunk(usage=final, cost_usd=self.price.cost(final.prompt_tokens, final.completion_tokens))
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None

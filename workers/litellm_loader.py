@@ -8,6 +8,7 @@ a litellm backend.
 
 from __future__ import annotations
 
+import logging
 import os
 from types import ModuleType
 
@@ -18,6 +19,8 @@ def load_litellm() -> ModuleType:
     os.environ.setdefault("LITELLM_LOG", "ERROR")
     import litellm  # noqa: PLC0415  (deliberately lazy, see module docstring)
 
+    for name in ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy"):
+        logging.getLogger(name).setLevel(logging.WARNING)  # it logs every call at INFO
     litellm.telemetry = False
     litellm.suppress_debug_info = True
     # Never silently drop a parameter the client asked for: the gateway validates them itself.

@@ -1,0 +1,183 @@
+"""What the gateway adds to a request: latency at concurrency 1, and throughput on one core.
+
+Starts the stand-in provider and a gateway (pinned to CPU 0) as real processes, then measures the same
+request sent straight to the stand-in and through the gateway over each transport (direct HTTP, litellm).
+Latency: sequential keep-alive requests from this process. Throughput: wrk (apt package `wrk`), pinned
+with the stand-in to the other core. Checks afterwards that the ledger holds a row for every request.
+
+    .venv/bin/python bench/gateway_overhead.py [--requests N] [--duration S] [--connections C] [--json] [--record]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+from sqlalchemy import create_engine, func, select
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench._common import markdown_table, pinned, record  # noqa: E402
+from gateway.ledger import requests_table  # noqa: E402
+from tests.harness import TINY_ROWS, free_port, write_dataset  # noqa: E402
+
+BIN = Path(sys.executable).parent
+KEY = "sk-bench"
+BODY = {"model": "M", "messages": [{"role": "user", "content": "What is the capital of France?"}]}
+
+LUA = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer %s"
+wrk.body = '%s'
+"""
+
+
+def start(command: list[str], url: str, log: Path) -> subprocess.Popen[bytes]:
+    process = subprocess.Popen(command, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+                               env={**os.environ, "FRUGAL_BENCH_KEY": KEY})
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"{command[0]} exited: {log.read_text()[-2000:]}")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise SystemExit(f"{command} did not become ready")
+
+
+def latency(url: str, model: str, requests: int, headers: dict[str, str]) -> list[float]:
+    body = dict(BODY, model=model)
+    samples = []
+    with httpx.Client(headers=headers, timeout=30) as client:
+        for _ in range(max(50, requests // 10)):  # warm-up (litellm's first calls are slow)
+            client.post(url, json=body).raise_for_status()
+        for _ in range(requests):
+            started = time.perf_counter()
+            response = client.post(url, json=body)
+            samples.append(time.perf_counter() - started)
+            response.raise_for_status()
+    return samples
+
+
+def throughput(url: str, model: str, duration: int, connections: int, tmp: Path) -> dict[str, float]:
+    script = tmp / f"{model}.lua"
+    script.write_text(LUA % (KEY, json.dumps(dict(BODY, model=model))))
+    command = pinned(["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "-s", str(script), url], 1)
+    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))
+    total = int(re.search(r"(\d+) requests in", output).group(1))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    p50 = re.search(r"50%\s+([\d.]+)(us|ms|s)", output)
+    scale = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+    return {"rps": rps, "requests": total, "non_2xx": int(errors.group(1)) if errors else 0,
+            "p50_ms": float(p50.group(1)) * scale[p50.group(2)] if p50 else float("nan")}
+
+
+def summary(samples: list[float]) -> dict[str, float]:
+    ordered = sorted(samples)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000  # noqa: E731
+    return {"p50_ms": pick(0.50), "p90_ms": pick(0.90), "p99_ms": pick(0.99),
+            "mean_ms": statistics.fmean(samples) * 1000}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=2000, help="sequential requests per target")
+    parser.add_argument("--duration", type=int, default=10, help="seconds of wrk load per target")
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument("--record", action="store_true", help="append the table to docs/BENCHMARKS.md")
+    args = parser.parse_args()
+    has_wrk = shutil.which("wrk") is not None
+    if not has_wrk:
+        print("wrk not found (apt-get install wrk): throughput is skipped", file=sys.stderr)
+
+    tmp = Path(tempfile.mkdtemp(prefix="frugal-bench-"))
+    data = write_dataset(tmp / "tiny.jsonl.gz", TINY_ROWS)
+    standin_port, gateway_port = free_port(), free_port()
+    standin_url = f"http://127.0.0.1:{standin_port}"
+    config = {
+        "models": [
+            {"name": name, "backend": "openai/alpha", "api_base": f"{standin_url}/v1", "transport": transport,
+             "api_key_env": "FRUGAL_BENCH_KEY", "input_cost_per_token": 1e-6, "output_cost_per_token": 2e-6}
+            for name, transport in (("via-http", "http"), ("via-litellm", "litellm"))
+        ],
+        "auth": {"keys": [{"id": "bench", "key_env": "FRUGAL_BENCH_KEY"}]},
+        "ledger": {"url": f"sqlite:///{tmp / 'ledger.db'}", "spill_path": str(tmp / "spill.jsonl")},
+    }
+    (tmp / "gateway.yaml").write_text(yaml.safe_dump(config))
+    os.sched_setaffinity(0, {1} if (os.cpu_count() or 1) > 1 else {0})
+    standin = start(pinned([str(BIN / "frugal"), "stand-in", "--data", str(data), "--port", str(standin_port)], 1),
+                    standin_url + "/healthz", tmp / "standin.log")
+    gateway = start(pinned([str(BIN / "frugal"), "serve", "--config", str(tmp / "gateway.yaml"), "--port",
+                            str(gateway_port), "--log-level", "warning"], 0),
+                    f"http://127.0.0.1:{gateway_port}/readyz", tmp / "gateway.log")
+    results: dict[str, dict[str, float]] = {}
+    sent = 0
+    try:
+        auth = {"authorization": f"Bearer {KEY}"}
+        targets = [
+            ("stand-in direct (baseline)", f"{standin_url}/v1/chat/completions", "alpha"),
+            ("gateway, http transport", f"http://127.0.0.1:{gateway_port}/v1/chat/completions", "via-http"),
+            ("gateway, litellm transport", f"http://127.0.0.1:{gateway_port}/v1/chat/completions", "via-litellm"),
+        ]
+        for name, url, model in targets:
+            results[name] = summary(latency(url, model, args.requests, auth))
+            if "gateway" in name:
+                sent += args.requests + max(50, args.requests // 10)
+            if has_wrk:
+                load = throughput(url, model, args.duration, args.connections, tmp)
+                results[name].update({f"wrk_{k}": v for k, v in load.items()})
+                if "gateway" in name:
+                    sent += int(load["requests"])
+        httpx.get(f"http://127.0.0.1:{gateway_port}/healthz")
+    finally:
+        gateway.terminate()
+        gateway.wait(30)
+        standin.terminate()
+        standin.wait(30)
+    engine = create_engine(config["ledger"]["url"])
+    with engine.connect() as connection:
+        rows = connection.execute(select(func.count()).select_from(requests_table)).scalar()
+    base = results["stand-in direct (baseline)"]
+    for values in results.values():
+        values["added_p50_ms"] = values["p50_ms"] - base["p50_ms"]
+        values["added_mean_ms"] = values["mean_ms"] - base["mean_ms"]
+    ledger_check = {"requests_answered": sent, "ledger_rows": rows}
+    if args.json:
+        print(json.dumps({"results": results, "ledger": ledger_check}, indent=2))
+    headers = ["target", "p50 ms", "p99 ms", "added p50 ms", "added mean ms", "req/s (1 core, wrk)",
+               "wrk p50 ms", "non-2xx"]
+    table_rows = [[name, f"{v['p50_ms']:.3f}", f"{v['p99_ms']:.3f}", f"{v['added_p50_ms']:.3f}",
+                   f"{v['added_mean_ms']:.3f}", f"{v.get('wrk_rps', float('nan')):.0f}",
+                   f"{v.get('wrk_p50_ms', float('nan')):.2f}", int(v.get("wrk_non_2xx", 0))]
+                  for name, v in results.items()]
+    table = markdown_table(headers, table_rows)
+    note = (f"Ledger check: {rows} rows for {sent} answered gateway requests "
+            f"({'none lost' if rows >= sent else 'ROWS MISSING'}).")
+    if not args.json:
+        print(table)
+        print(note)
+    if args.record:
+        command = "python bench/gateway_overhead.py " + " ".join(sys.argv[1:])
+        record("Gateway hot path", command.strip(), table, note)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
