@@ -9,7 +9,6 @@ aiohttp's (measured: docs/BENCHMARKS.md); providers that need translation use
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
