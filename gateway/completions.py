@@ -63,7 +63,7 @@ class CompletionsEndpoint:
         self.ids = RequestIds()
 
     async def handle(self, request: Request, kind: RequestKind) -> Response:
-        record = RequestRecord(request_id=self.ids.next(), endpoint=kind)
+        record = self.recorder.start(self.ids.next(), kind)
         handed_to_stream = False
         try:
             client = self.keys.authenticate(request)

@@ -46,11 +46,17 @@ class Recorder:
         self.metrics = metrics
         self.store_content = store_content
 
+    def start(self, request_id: str, endpoint: str) -> RequestRecord:
+        """A new request: counted in flight until `finish`."""
+        self.metrics.in_flight.inc()
+        return RequestRecord(request_id=request_id, endpoint=endpoint)
+
     def finish(self, record: RequestRecord) -> None:
         """Record `record` once; never raises (a bookkeeping failure must not fail the request)."""
         if record.recorded:
             return
         record.recorded = True
+        self.metrics.in_flight.dec()
         latency_s = time.perf_counter() - record.started
         try:
             self._ledger(record, latency_s)

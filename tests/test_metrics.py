@@ -71,7 +71,7 @@ def test_metrics_move_with_traffic(gateway: Gateway) -> None:
     assert delta("frugal_fallbacks_total", route="frugal/auto") == 1
     assert delta("frugal_request_duration_seconds_count", route="alpha", stream="false") == 1
     assert delta("frugal_time_to_first_token_seconds_count", route="beta") == 1
-    assert value(after, "frugal_ledger_rows_written") >= 0
+    assert value(after, "frugal_requests_in_flight") == 0  # every request that started has finished
 
 
 def test_labels_stay_low_cardinality(gateway: Gateway) -> None:
