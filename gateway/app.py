@@ -18,7 +18,7 @@ from starlette.responses import Response
 from gateway.auth import KeyStore
 from gateway.backends import build_backend
 from gateway.completions import CompletionsEndpoint
-from gateway.errors import APIError
+from gateway.errors import APIError, model_not_found
 from gateway.ledger import Ledger
 from gateway.metrics import GatewayMetrics
 from gateway.ratelimit import RateLimiter
@@ -117,6 +117,11 @@ def create_app(config: FrugalConfig, *, backends: dict[str, Backend] | None = No
     async def completions(request: Request) -> Response:
         return await endpoint.handle(request, "completion")
 
+    model_names = [m.name for m in config.models] + [r.name for r in config.routes]
+
+    def model_object(name: str, created: int) -> dict[str, object]:
+        return {"id": name, "object": "model", "created": created, "owned_by": "frugal"}
+
     @app.get("/v1/models")
     async def list_models(request: Request) -> Response:
         try:
@@ -124,10 +129,17 @@ def create_app(config: FrugalConfig, *, backends: dict[str, Backend] | None = No
         except APIError as error:
             return error.response()
         created = int(time.time())
-        names = [m.name for m in config.models] + [r.name for r in config.routes]
-        return _json({"object": "list",
-                      "data": [{"id": n, "object": "model", "created": created, "owned_by": "frugal"}
-                               for n in names]})
+        return _json({"object": "list", "data": [model_object(n, created) for n in model_names]})
+
+    @app.get("/v1/models/{name:path}")
+    async def retrieve_model(request: Request, name: str) -> Response:
+        try:
+            keys.authenticate(request)
+            if name not in model_names:
+                raise model_not_found(name)
+        except APIError as error:
+            return error.response()
+        return _json(model_object(name, int(time.time())))
 
     @app.get("/healthz")
     async def healthz() -> Response:

@@ -19,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+from standin.anthropic import handle_messages
 from standin.data import RecordedAnswers, Recording, deterministic_answer
 from standin.faults import Behaviour, FaultRule, Faults
 from workers.tokens import count_tokens, split_tokens
@@ -124,9 +125,11 @@ class StandIn:
             "text_offset": [],
         }
 
-    async def handle(self, request: Request, kind: str) -> Response:
+    async def _admit(self, request: Request) -> tuple[dict[str, Any], str, Behaviour] | Response:
+        """Authenticate, parse, count and apply the injected faults: a body to answer, or an error."""
         if self.api_key is not None:
-            if request.headers.get("authorization", "") != f"Bearer {self.api_key}":
+            given = request.headers.get("authorization", "").removeprefix("Bearer ")
+            if request.headers.get("x-api-key", given) != self.api_key:
                 return _error(401, "Incorrect API key provided.", "authentication_error")
         try:
             body = orjson.loads(await request.body())
@@ -143,6 +146,13 @@ class StandIn:
             await asyncio.Event().wait()  # until the client gives up and disconnects
         if behaviour.status is not None:
             return _error(behaviour.status, behaviour.message, "server_error")
+        return body, model, behaviour
+
+    async def handle(self, request: Request, kind: str) -> Response:
+        admitted = await self._admit(request)
+        if isinstance(admitted, Response):
+            return admitted
+        body, model, behaviour = admitted
         if kind == "chat":
             messages = body.get("messages")
             if not isinstance(messages, list) or not messages:
@@ -241,6 +251,9 @@ def create_standin_app(answers: RecordedAnswers, faults: Faults | None = None,
     async def completions(request: Request) -> Response:
         return await standin.handle(request, "completion")
 
+    async def messages(request: Request) -> Response:
+        return await handle_messages(standin, request)
+
     async def models(request: Request) -> Response:
         data = [{"id": m, "object": "model", "created": 0, "owned_by": "frugal-stand-in"}
                 for m in sorted(standin.answers.models)]
@@ -267,6 +280,7 @@ def create_standin_app(answers: RecordedAnswers, faults: Faults | None = None,
     app = Starlette(routes=[
         Route("/v1/chat/completions", chat, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/messages", messages, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/_standin/faults", faults_endpoint, methods=["GET", "POST", "DELETE"]),
         Route("/_standin/stats", stats, methods=["GET"]),

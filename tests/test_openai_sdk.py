@@ -21,6 +21,11 @@ def gateway(standin_server: Service, tmp_path_factory: pytest.TempPathFactory) -
         models += [model_entry(f"alpha-{transport}", "alpha", url, transport),
                    model_entry(f"beta-{transport}", "beta", url, transport,
                                input_cost_per_token=3e-6, output_cost_per_token=5e-6)]
+    # Providers that need litellm's translation: Anthropic's Messages API, and vLLM's provider prefix.
+    models.append({"name": "alpha-anthropic", "backend": "anthropic/alpha", "api_base": url,
+                   "api_key_env": "STANDIN_API_KEY", "input_cost_per_token": 1e-6, "output_cost_per_token": 2e-6})
+    models.append({"name": "alpha-vllm", "backend": "hosted_vllm/alpha", "api_base": url + "/v1",
+                   "transport": "litellm", "input_cost_per_token": 1e-6, "output_cost_per_token": 2e-6})
     gw = Gateway(tmp_path_factory.mktemp("gw"), {
         "models": models,
         "routes": [{"name": "frugal/auto", "models": ["alpha-http", "beta-http"]}],
@@ -133,6 +138,22 @@ def test_max_tokens_stop_and_n(client: openai.OpenAI, transport: str) -> None:
     assert {c.message.content for c in several.choices} == {"Paris."}
 
 
+@pytest.mark.parametrize("model", ["alpha-anthropic", "alpha-vllm"])
+def test_other_providers_through_litellm(client: openai.OpenAI, gateway: Gateway, model: str) -> None:
+    raw = client.chat.completions.with_raw_response.create(
+        model=model, messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=50)
+    response = raw.parse()
+    assert response.choices[0].message.content == "Paris."
+    assert (response.usage.prompt_tokens, response.usage.completion_tokens) == (14, 2)
+    assert float(raw.headers["x-frugal-cost-usd"]) == pytest.approx(18e-6)
+    chunks = list(client.chat.completions.create(
+        model=model, stream=True, stream_options={"include_usage": True}, max_tokens=50,
+        messages=[{"role": "system", "content": "Answer with one word."},
+                  {"role": "user", "content": "Name a primary colour."}]))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Red"
+    assert chunks[-1].usage.completion_tokens == 1
+
+
 def test_route_answers_with_its_first_model(client: openai.OpenAI) -> None:
     raw = client.chat.completions.with_raw_response.create(
         model="frugal/auto", messages=[{"role": "user", "content": "What is the capital of France?"}])
@@ -143,7 +164,11 @@ def test_route_answers_with_its_first_model(client: openai.OpenAI) -> None:
 
 def test_models_lists_models_and_routes(client: openai.OpenAI) -> None:
     ids = {m.id for m in client.models.list()}
-    assert ids == {"alpha-litellm", "beta-litellm", "alpha-http", "beta-http", "frugal/auto"}
+    assert ids == {"alpha-litellm", "beta-litellm", "alpha-http", "beta-http", "alpha-anthropic", "alpha-vllm",
+                   "frugal/auto"}
+    assert client.models.retrieve("frugal/auto").id == "frugal/auto"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-17")
 
 
 def test_sdk_sees_typed_errors(client: openai.OpenAI) -> None:

@@ -1,0 +1,83 @@
+"""The stand-in's Anthropic Messages API (`POST /v1/messages`), so that litellm's translation for a
+non-OpenAI provider (`anthropic/...`) is exercised end to end, not just OpenAI pass-through."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from standin.faults import Behaviour
+
+STOP_REASONS = {"stop": "end_turn", "length": "max_tokens"}
+
+
+def as_openai_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """Anthropic's top-level `system` plus `messages`, in OpenAI's one-list form."""
+    messages: list[dict[str, Any]] = []
+    system = body.get("system")
+    if isinstance(system, list):
+        system = "".join(block.get("text", "") for block in system if isinstance(block, dict))
+    if system:
+        messages.append({"role": "system", "content": system})
+    messages.extend(m for m in body.get("messages") or [] if isinstance(m, dict))
+    return messages
+
+
+def _event(name: str, payload: dict[str, Any]) -> bytes:
+    return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
+
+
+async def handle_messages(standin: Any, request: Request) -> Response:
+    from standin.server import _error, _json, _text_of, query_candidates  # noqa: PLC0415  (sibling helpers)
+
+    admitted = await standin._admit(request)
+    if isinstance(admitted, Response):
+        return admitted
+    body, model, behaviour = admitted
+    messages = as_openai_messages(body)
+    if not any(m.get("role") == "user" for m in messages):
+        return _error(400, "messages: at least one user message is required")
+    if not isinstance(body.get("max_tokens"), int):
+        return _error(400, "max_tokens: Field required")
+    from workers.tokens import count_tokens  # noqa: PLC0415
+
+    prompt_tokens = sum(count_tokens(_text_of(m.get("content"))) for m in messages)
+    params = {"max_tokens": body["max_tokens"], "stop": body.get("stop_sequences")}
+    answer = standin._answer(model, query_candidates(messages), prompt_tokens, params)
+    message_id = f"msg_standin_{uuid.uuid4().hex[:20]}"
+    stop_reason = STOP_REASONS[answer.finish_reason]
+    if not body.get("stream"):
+        return _json({
+            "id": message_id, "type": "message", "role": "assistant", "model": model,
+            "content": [{"type": "text", "text": answer.text}],
+            "stop_reason": stop_reason, "stop_sequence": None,
+            "usage": {"input_tokens": answer.prompt_tokens, "output_tokens": answer.completion_tokens},
+        })
+    return StreamingResponse(_stream(message_id, model, answer, stop_reason, behaviour),
+                             media_type="text/event-stream")
+
+
+async def _stream(message_id: str, model: str, answer: Any, stop_reason: str,
+                  behaviour: Behaviour) -> AsyncIterator[bytes]:
+    yield _event("message_start", {"type": "message_start", "message": {
+        "id": message_id, "type": "message", "role": "assistant", "model": model, "content": [],
+        "stop_reason": None, "stop_sequence": None,
+        "usage": {"input_tokens": answer.prompt_tokens, "output_tokens": 1}}})
+    yield _event("content_block_start", {"type": "content_block_start", "index": 0,
+                                         "content_block": {"type": "text", "text": ""}})
+    for piece in answer.pieces:
+        if behaviour.chunk_latency_ms:
+            await asyncio.sleep(behaviour.chunk_latency_ms / 1000)
+        yield _event("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                             "delta": {"type": "text_delta", "text": piece}})
+    yield _event("content_block_stop", {"type": "content_block_stop", "index": 0})
+    yield _event("message_delta", {"type": "message_delta",
+                                   "delta": {"stop_reason": stop_reason, "stop_sequence": None},
+                                   "usage": {"output_tokens": answer.completion_tokens}})
+    yield _event("message_stop", {"type": "message_stop"})
