@@ -37,8 +37,10 @@ lint: install-test
 test: install-test services lint
 	$(BIN)/python -m pytest
 
+## Benchmarks (they need wrk for load; installed with apt when missing). Results: docs/BENCHMARKS.md.
 bench: install-test
-	$(BIN)/python bench/gateway_overhead.py
+	command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
+	$(BIN)/python bench/gateway_overhead.py --record
 
 clean:
 	rm -rf $(VENV) .pytest_cache frugal-ledger.db frugal-ledger.db-* frugal-ledger-spill.jsonl

@@ -75,3 +75,10 @@ def test_serve_refuses_a_bad_config_with_a_clear_message(tmp_path: Path) -> None
                           timeout=60)
     assert done.returncode == 2
     assert "unknown models: ghost" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_the_example_configs_are_valid() -> None:
+    from tests.harness import REPO
+
+    for path in sorted((REPO / "examples").glob("*.yaml")):
+        assert parse_config(path.read_text(), str(path)).models
