@@ -4,7 +4,8 @@ record. Every request, whatever its outcome, is recorded exactly once (`Recorder
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import anyio
 from starlette.requests import Request
@@ -48,6 +49,22 @@ def error_for(failure: RouteFailed | RouteUnavailable | BackendError) -> APIErro
         return APIError(429, f"The model provider is rate limiting: {message}", type="rate_limit_error",
                         code="upstream_rate_limited", retry_after_s=retry_after or 1.0)
     return APIError(502, f"The model provider failed: {message}", type="api_error", code="upstream_error")
+
+
+class SettledStreamingResponse(StreamingResponse):
+    """A streaming response that always runs `settle` when it ends, however it ends (shielded from
+    cancellation), so a stream is accounted for even if its body never started."""
+
+    def __init__(self, content: AsyncIterator[bytes], settle: Callable[[], Awaitable[None]], **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self._settle = settle
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._settle()
 
 
 class CompletionsEndpoint:
@@ -130,9 +147,19 @@ class CompletionsEndpoint:
         writer = SSEWriter(kind, f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{record.request_id}",
                            int(time.time()), opened.model, parsed.include_usage)
         n = int(parsed.generation.params.get("n", 1))
-        return StreamingResponse(self._frames(writer, n, opened, parsed.generation, record),
-                                 media_type="text/event-stream",
-                                 headers={**self._headers(record), "cache-control": "no-cache"})
+        async def settle() -> None:
+            # The body generator records the request in its `finally`; but a client that leaves before
+            # the first frame is sent can cancel the response before the generator ever starts.
+            await opened.rest.aclose()
+            if not record.recorded:
+                record.client_disconnected = True
+                record.status, record.error_code = CLIENT_CLOSED, "client_closed"
+                self._bill_partial(record, opened.model, parsed.generation, [], outcome="client_closed")
+                self.recorder.finish(record)
+
+        return SettledStreamingResponse(self._frames(writer, n, opened, parsed.generation, record), settle,
+                                        media_type="text/event-stream",
+                                        headers={**self._headers(record), "cache-control": "no-cache"})
 
     async def _frames(self, writer: SSEWriter, n: int, opened: OpenedStream, generation: GenerationRequest,
                       record: RequestRecord) -> AsyncIterator[bytes]:
