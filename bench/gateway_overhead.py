@@ -100,6 +100,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000, help="sequential requests per target")
     parser.add_argument("--duration", type=int, default=10, help="seconds of wrk load per target")
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--log-level", default="info", help="the gateway's (info, its default, logs every request)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--record", action="store_true", help="append the table to docs/BENCHMARKS.md")
     args = parser.parse_args()
@@ -125,7 +126,7 @@ def main() -> None:
     standin = start(pinned([str(BIN / "frugal"), "stand-in", "--data", str(data), "--port", str(standin_port)], 1),
                     standin_url + "/healthz", tmp / "standin.log")
     gateway = start(pinned([str(BIN / "frugal"), "serve", "--config", str(tmp / "gateway.yaml"), "--port",
-                            str(gateway_port), "--log-level", "warning"], 0),
+                            str(gateway_port), "--log-level", args.log_level], 0),
                     f"http://127.0.0.1:{gateway_port}/readyz", tmp / "gateway.log")
     results: dict[str, dict[str, float]] = {}
     sent = 0

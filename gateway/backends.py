@@ -32,9 +32,10 @@ def build_backend(model: ModelConfig) -> Backend:
         price=model.price,
         api_base=model.resolved_api_base(),
         api_key=model.resolved_api_key(),
+        missing_key_env=model.api_key_env if model.api_key_env and model.resolved_api_key() is None else None,
     )
-    if model.api_key_env and remote.api_key is None:
-        log.warning("model %s: environment variable %s is not set; calls will go without an API key",
+    if remote.missing_key_env:
+        log.warning("model %s: environment variable %s is not set; its requests will fail until it is",
                     model.name, model.api_key_env)
     transport = transport_for(model)
     log.info("model %s: %s via %s", model.name, model.backend, transport)

@@ -4,7 +4,7 @@ yields a 500."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
@@ -250,3 +250,19 @@ def test_no_client_input_yields_a_500(setup: tuple[Gateway, Faulty, str], body: 
         if response.status_code != 200:  # the last body is a valid legacy completion
             assert response.status_code in (400, 404, 413), (path, body[:80], response.text)
             assert_error(response, response.status_code)
+
+
+def test_a_model_without_its_provider_key_fails_fast_and_clearly(make_gateway: Callable[..., Gateway],
+                                                                  standin_server: Service) -> None:
+    gw = make_gateway({"models": [
+        model_entry("keyless", "alpha", standin_server.url, "litellm", api_key_env="FRUGAL_TEST_UNSET_KEY"),
+        model_entry("keyed", "alpha", standin_server.url, "litellm")],
+        "routes": [{"name": "r", "models": ["keyless", "keyed"]}]})
+    before = standin_calls(standin_server, "alpha")
+    error = assert_error(gw.post("/v1/chat/completions", {"model": "keyless", "messages": QUESTION}), 502)
+    assert "FRUGAL_TEST_UNSET_KEY" in error["message"]
+    assert standin_calls(standin_server, "alpha") == before  # never called the provider, never retried
+    response = gw.post("/v1/chat/completions", {"model": "r", "messages": QUESTION})
+    assert response.status_code == 200 and response.headers["x-frugal-model"] == "keyed"
+    row = gw.ledger_row(response.headers["x-request-id"])
+    assert [a["outcome"] for a in row["trace"]["attempts"]] == ["auth_error", "ok"]

@@ -19,7 +19,7 @@ import orjson
 from workers.backend import GenerationRequest, GenerationResult, StreamChunk, Usage
 from workers.errors import BackendError, FailureKind, kind_for_status
 from workers.openai_format import error_message, parse_response, parse_stream_chunk
-from workers.remote import RemoteModel, choice_texts, complete_usage, request_body
+from workers.remote import RemoteModel, check_credentials, choice_texts, complete_usage, request_body
 
 
 def _retry_after(headers: Any) -> float | None:
@@ -71,6 +71,7 @@ class HTTPBackend:
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         started = time.perf_counter()
+        check_credentials(self._model)
         content = orjson.dumps(request_body(self._model, request, stream=False))
         timeout = aiohttp.ClientTimeout(total=request.timeout_s, connect=min(request.timeout_s, 10.0))
         try:
@@ -95,6 +96,7 @@ class HTTPBackend:
         )
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamChunk]:
+        check_credentials(self._model)
         content = orjson.dumps(request_body(self._model, request, stream=True))
         # No total deadline for a stream: each read (first token, then every chunk) gets timeout_s.
         timeout = aiohttp.ClientTimeout(total=None, connect=min(request.timeout_s, 10.0),

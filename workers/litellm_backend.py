@@ -15,7 +15,7 @@ from workers.backend import GenerationRequest, GenerationResult, StreamChunk, Us
 from workers.errors import BackendError, FailureKind, kind_for_status
 from workers.litellm_loader import load_litellm
 from workers.openai_format import parse_response, parse_stream_chunk
-from workers.remote import RemoteModel, choice_texts, complete_usage, request_body
+from workers.remote import RemoteModel, check_credentials, choice_texts, complete_usage, request_body
 
 
 def _to_dict(obj: Any) -> dict[str, Any]:
@@ -78,6 +78,7 @@ class LiteLLMBackend:
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         started = time.perf_counter()
+        check_credentials(self._model)
         try:
             response = await self._call(request)(**self._kwargs(request, stream=False))
         except BackendError:
@@ -95,6 +96,7 @@ class LiteLLMBackend:
         )
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamChunk]:
+        check_credentials(self._model)
         usage: Usage | None = None
         texts: dict[int, list[str]] = {}
         try:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from workers.backend import Choice, GenerationRequest, Usage
+from workers.errors import BackendError, FailureKind
 from workers.pricing import TokenPrice
 from workers.tokens import count_message_tokens, count_tokens
 
@@ -22,6 +23,8 @@ class RemoteModel:
     api_base: str | None = None
     api_key: str | None = None
     extra_headers: dict[str, str] = field(default_factory=dict)
+    #: The environment variable that should hold `api_key` but was unset when the backend was built.
+    missing_key_env: str | None = None
 
     @property
     def provider(self) -> str:
@@ -31,6 +34,13 @@ class RemoteModel:
     def upstream_model(self) -> str:
         """The model name as the provider's own API spells it (litellm prefix removed)."""
         return self.litellm_model.split("/", 1)[1] if "/" in self.litellm_model else self.litellm_model
+
+
+def check_credentials(model: RemoteModel) -> None:
+    """Fail fast (not retryable) when the provider key the configuration names was never set."""
+    if model.missing_key_env:
+        raise BackendError(FailureKind.AUTH,
+                           f"{model.name}: environment variable {model.missing_key_env} (its API key) is not set")
 
 
 def prompt_tokens_of(request: GenerationRequest) -> int:
