@@ -8,13 +8,9 @@ from gateway.settings import ModelConfig
 from workers.backend import Backend
 from workers.http_backend import HTTPBackend
 from workers.litellm_backend import LiteLLMBackend
-from workers.remote import RemoteModel
+from workers.remote import OPENAI_COMPATIBLE, RemoteModel
 
 log = logging.getLogger("frugal.backends")
-
-#: litellm providers that speak OpenAI's protocol unchanged, so the direct HTTP transport can serve them.
-OPENAI_COMPATIBLE = frozenset({"openai", "hosted_vllm", "openai_like", "custom_openai", "llamafile", "lm_studio"})
-
 
 def transport_for(model: ModelConfig) -> str:
     if model.transport != "auto":

@@ -90,6 +90,8 @@ class StandIn:
         self.faults = faults
         self.api_key = api_key
         self.requests: Counter[str] = Counter()
+        #: The last request body per model, without messages/prompt (tests check what was forwarded).
+        self.last_params: dict[str, dict[str, Any]] = {}
 
     def _answer(self, model: str, candidates: list[str], prompt_tokens: int, params: dict) -> _Answer:
         recording = self.answers.find(model, candidates)
@@ -139,6 +141,7 @@ class StandIn:
             return _error(400, "you must provide a model parameter")
         model = body["model"]
         self.requests[model] += 1
+        self.last_params[model] = {k: v for k, v in body.items() if k not in ("messages", "prompt", "system")}
         behaviour = self.faults.decide(model)
         if behaviour.latency_ms:
             await asyncio.sleep(behaviour.latency_ms / 1000)
@@ -271,7 +274,8 @@ def create_standin_app(answers: RecordedAnswers, faults: Faults | None = None,
         return _json({"rules": [dataclasses.asdict(rule) for rule in standin.faults.rules()]})
 
     async def stats(request: Request) -> Response:
-        return _json({"requests": dict(standin.requests), "queries": len(standin.answers),
+        return _json({"requests": dict(standin.requests), "last_params": standin.last_params,
+                      "queries": len(standin.answers),
                       "models": sorted(standin.answers.models)})
 
     async def health(request: Request) -> Response:

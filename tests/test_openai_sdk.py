@@ -182,3 +182,17 @@ def test_sdk_sees_typed_errors(client: openai.OpenAI) -> None:
     wrong_key = openai.OpenAI(base_url=str(client.base_url), api_key="sk-wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         wrong_key.chat.completions.create(model="alpha-http", messages=[{"role": "user", "content": "hi"}])
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_sampling_parameters_reach_the_provider_unchanged(client: openai.OpenAI, standin_server: Service,
+                                                         transport: str) -> None:
+    import httpx
+
+    sent = {"temperature": 0.3, "top_p": 0.9, "max_tokens": 40, "stop": ["\n\n"], "seed": 11, "user": "u-1",
+            "presence_penalty": 0.5, "frequency_penalty": -0.5, "logit_bias": {"50256": -100},
+            "response_format": {"type": "json_object"}}
+    client.chat.completions.create(model=f"beta-{transport}", messages=[{"role": "user", "content": "Hi?"}], **sent)
+    forwarded = httpx.get(standin_server.url + "/_standin/stats").json()["last_params"]["beta"]
+    for name, value in sent.items():
+        assert forwarded.get(name) == value, (name, forwarded)

@@ -44,6 +44,10 @@ class LiteLLMBackend:
             kwargs["api_key"] = self._model.api_key
         if self._model.extra_headers:
             kwargs["extra_headers"] = dict(self._model.extra_headers)
+        if "user" in kwargs and self._model.openai_compatible:
+            # litellm forwards `user` only for model names it knows as OpenAI's and drops it silently
+            # for other OpenAI-compatible servers; the client asked for it, so it goes in the body.
+            kwargs["extra_body"] = {"user": kwargs.pop("user")}
         return kwargs
 
     def _call(self, request: GenerationRequest) -> Any:

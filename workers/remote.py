@@ -10,6 +10,9 @@ from workers.errors import BackendError, FailureKind
 from workers.pricing import TokenPrice
 from workers.tokens import count_message_tokens, count_tokens
 
+#: litellm providers that speak OpenAI's protocol unchanged.
+OPENAI_COMPATIBLE = frozenset({"openai", "hosted_vllm", "openai_like", "custom_openai", "llamafile", "lm_studio"})
+
 
 @dataclass(frozen=True, slots=True)
 class RemoteModel:
@@ -29,6 +32,10 @@ class RemoteModel:
     @property
     def provider(self) -> str:
         return self.litellm_model.split("/", 1)[0] if "/" in self.litellm_model else "openai"
+
+    @property
+    def openai_compatible(self) -> bool:
+        return self.provider in OPENAI_COMPATIBLE
 
     @property
     def upstream_model(self) -> str:
