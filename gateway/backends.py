@@ -21,7 +21,25 @@ def transport_for(model: ModelConfig) -> str:
     return "litellm"
 
 
+def build_local_backend(model: ModelConfig) -> Backend:
+    """A local ONNX model, built from its packaged source on first use (logged: it takes seconds)."""
+    from pathlib import Path  # noqa: PLC0415
+
+    from workers.local.backend import LocalBackend  # noqa: PLC0415
+    from workers.local.catalog import DEFAULT_QUANT, resolve  # noqa: PLC0415
+
+    name = model.backend.removeprefix("local/")
+    if model.model_dir:
+        folder = Path(model.model_dir)
+    else:
+        folder = resolve(name, model.quant or DEFAULT_QUANT, compute=model.compute,
+                         progress=lambda step: log.info("building local model %s: %s", name, step))
+    return LocalBackend(model.name, folder, price=model.price, threads=model.threads)
+
+
 def build_backend(model: ModelConfig) -> Backend:
+    if model.is_local:
+        return build_local_backend(model)
     remote = RemoteModel(
         name=model.name,
         litellm_model=model.backend,

@@ -47,6 +47,15 @@ class ModelConfig(_Strict):
     timeout_s: float = Field(default=60.0, gt=0)
     #: Retries on this model for retryable failures (timeouts, 429, 5xx, connection errors).
     max_retries: int = Field(default=2, ge=0, le=10)
+    # Local models (backend "local/NAME"): built on first use into $FRUGAL_MODELS_DIR unless model_dir is given.
+    quant: Literal["int4", "int8", "fp16", "fp32"] | None = None
+    compute: Literal["fp32", "int8"] | None = None
+    threads: int | None = Field(default=None, gt=0)
+    model_dir: str | None = None
+
+    @property
+    def is_local(self) -> bool:
+        return self.backend.startswith("local/")
 
     @property
     def price(self) -> TokenPrice:

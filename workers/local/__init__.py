@@ -1,0 +1,1 @@
+"""The local tier: small models built from GGUF / safetensors into ONNX without torch, run on ONNX Runtime."""

@@ -1,0 +1,226 @@
+"""The llama-family decoder as an ONNX graph, written with `onnx` from GGUF tensors (no torch).
+
+One graph serves prefill and decode. Inputs: `input_ids` [batch, seq], `attention_mask`
+[batch, past + seq], `logits_to_keep` [1] (0 = logits for every position, k = the last k), and per layer
+`past_key_values.{i}.key|value` [batch, kv_heads, past, head_dim]; outputs `logits` and
+`present.{i}.key|value`. The fast paths of onnxruntime's contrib operators are used where they exist on
+CPU and CUDA alike: `GroupQueryAttention` (KV cache, GQA and rotary embeddings in one kernel, fed a packed
+QKV projection), `SimplifiedLayerNormalization` (RMSNorm) and, for quantized weights, `MatMulNBits`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from workers.local.gguf_model import GGUFModel, LlamaShape
+from workers.local.quantize import EXACT_GGUF_TYPES, GGUF_BLOCK, from_gguf_blocks, quantize
+
+Quant = Literal["fp32", "fp16", "int8", "int4"]
+QUANTS: tuple[str, ...] = ("int4", "int8", "fp16", "fp32")
+Compute = Literal["fp32", "int8"]
+BLOCK_SIZE = 32
+#: MatMulNBits accuracy levels: 1 computes with float32 activations (exact with exact weights), 4 quantizes
+#: the activations to int8 for int8 dot products (the fastest CPU path, but it perturbs every layer).
+ACCURACY_LEVEL = 4
+COMPUTE_LEVELS: dict[str, int] = {"fp32": 1, "int8": 4}
+#: Activation precision by default: int4 keeps float32 activations (onnxruntime's 4-bit kernels have a fast
+#: float32 path); int8 uses int8 activations (its float32 path is ~10x slower on CPU, measured).
+DEFAULT_COMPUTE: dict[str, str] = {"int4": "fp32", "int8": "int8", "fp16": "fp32", "fp32": "fp32"}
+OPSET = 21
+
+
+class _Graph:
+    """Accumulates nodes and initializers with unique names."""
+
+    def __init__(self, quant: Quant, accuracy_level: int = ACCURACY_LEVEL, head_accuracy_level: int = ACCURACY_LEVEL):
+        self.quant = quant
+        self.accuracy_level = accuracy_level
+        self.head_accuracy_level = head_accuracy_level
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self._count = 0
+
+    def level_for(self, projection: str) -> int:
+        return self.head_accuracy_level if projection == "lm_head" else self.accuracy_level
+
+    def name(self, prefix: str) -> str:
+        self._count += 1
+        return f"{prefix}_{self._count}"
+
+    def const(self, name: str, array: np.ndarray) -> str:
+        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], n_out: int = 1, domain: str = "", **attrs: object) -> list[str]:
+        outputs = [self.name(op_type.lower()) for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outputs, name=self.name(op_type), domain=domain,
+                                           **attrs))
+        return outputs
+
+    def op1(self, op_type: str, inputs: list[str], domain: str = "", **attrs: object) -> str:
+        return self.op(op_type, inputs, 1, domain, **attrs)[0]
+
+    def projection(self, x: str, model: GGUFModel, tensors: list[str], name: str,
+                   bias: np.ndarray | None = None) -> str:
+        """x @ W^T for W = the named GGUF tensors stacked along N (e.g. Q, K and V as one packed QKV).
+
+        Quantized modes keep GGUF blocks exactly where they map onto MatMulNBits (Q4_0, Q4_1, Q8_0):
+        the graph computes with the source's own integers and scales. Other types are dequantized and
+        re-quantized."""
+        if self.quant in ("int8", "int4"):
+            parts = [model.raw(t) for t in tensors]
+            types = {type_name for _, type_name in parts}
+            if types <= EXACT_GGUF_TYPES:
+                # 4-bit where the source is 4-bit; Q8_0 stays 8-bit even in int4 mode (lossless first).
+                bits = 4 if self.quant == "int4" and "Q8_0" not in types else 8
+                return self._exact(x, parts, bits, name, bias)
+        weight = np.concatenate([model.tensor(t) for t in tensors], axis=0)
+        return self.linear(x, weight, name, bias)
+
+    def _exact(self, x: str, parts: list[tuple[np.ndarray, str]], bits: int, name: str,
+               bias: np.ndarray | None) -> str:
+        converted = [from_gguf_blocks(raw, type_name, bits) for raw, type_name in parts]
+        packed = np.concatenate([q.packed for q, _ in converted], axis=0)
+        scales = np.concatenate([q.scales for q, _ in converted])
+        n, k = packed.shape[0], converted[0][0].k
+        inputs = [x, self.const(f"{name}.qweight", packed), self.const(f"{name}.scales", scales)]
+        if bias is not None:
+            inputs += ["", "", self.const(f"{name}.bias", bias.astype(np.float32))]
+        y = self.op1("MatMulNBits", inputs, domain="com.microsoft", K=k, N=n, bits=bits, block_size=GGUF_BLOCK,
+                     accuracy_level=self.level_for(name))
+        if all(c is None for _, c in converted):
+            return y
+        blocks = k // GGUF_BLOCK
+        correction = np.concatenate([c if c is not None else np.zeros((q.n, blocks), np.float32)
+                                     for q, c in converted], axis=0)
+        # Q4_1's per-block offsets: the sum of x over each block of 32, times the block's constant.
+        grouped = self.op1("Reshape", [x, self.const(f"{name}.blockshape", np.array([0, 0, blocks, GGUF_BLOCK]))])
+        sums = self.op1("ReduceSum", [grouped, self.const(f"{name}.lastaxis", np.array([-1]))], keepdims=0)
+        offsets = self.op1("MatMul", [sums, self.const(f"{name}.offsets_t", np.ascontiguousarray(correction.T))])
+        return self.op1("Add", [y, offsets])
+
+    def linear(self, x: str, weight: np.ndarray, name: str, bias: np.ndarray | None = None) -> str:
+        """x @ weight^T (+ bias), with weight (N x K) stored as the quantization asks."""
+        n, k = weight.shape
+        if self.quant in ("int8", "int4"):
+            bits = 8 if self.quant == "int8" else 4
+            # int8: symmetric blocks; int4: asymmetric (zero points) to lose less of a 4-bit source.
+            q = quantize(weight, bits, BLOCK_SIZE, symmetric=bits == 8)
+            inputs = [x, self.const(f"{name}.qweight", q.packed), self.const(f"{name}.scales", q.scales)]
+            inputs.append(self.const(f"{name}.zero_points", q.zero_points) if q.zero_points is not None else "")
+            if bias is not None:
+                inputs += ["", self.const(f"{name}.bias", bias.astype(np.float32))]  # g_idx unused
+            while inputs and inputs[-1] == "":
+                inputs.pop()
+            return self.op1("MatMulNBits", inputs, domain="com.microsoft", K=k, N=n, bits=bits,
+                            block_size=BLOCK_SIZE, accuracy_level=self.level_for(name))
+        if self.quant == "fp16":
+            stored = self.const(f"{name}.weight_t", weight.T.astype(np.float16))
+            w = self.op1("Cast", [stored], to=TensorProto.FLOAT)  # folded to fp32 when the session loads
+        else:
+            w = self.const(f"{name}.weight_t", weight.T.astype(np.float32))
+        y = self.op1("MatMul", [x, w])
+        if bias is not None:
+            y = self.op1("Add", [y, self.const(f"{name}.bias", bias.astype(np.float32))])
+        return y
+
+
+def rotary_cache(shape: LlamaShape, max_positions: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin of position x inverse frequency, [max_positions, head_dim / 2]."""
+    inv_freq = shape.rope_base ** (-np.arange(0, shape.head_dim, 2, dtype=np.float64) / shape.head_dim)
+    angles = np.outer(np.arange(max_positions, dtype=np.float64), inv_freq)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def build_llama_graph(model: GGUFModel, quant: Quant, out_path: Path,
+                      progress: Callable[[str], None] | None = None, max_positions: int | None = None,
+                      accuracy_level: int = ACCURACY_LEVEL, head_accuracy_level: int = ACCURACY_LEVEL) -> Path:
+    """Write `out_path` (model.onnx with its weights in model.onnx.data beside it)."""
+    shape = model.shape
+    say = progress or (lambda _msg: None)
+    g = _Graph(quant, accuracy_level, head_accuracy_level)
+    positions = max_positions or min(shape.context_length, 8192)
+    kv_dims = ["batch", shape.n_kv_heads, "past", shape.head_dim]
+    inputs = [
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"]),
+        helper.make_tensor_value_info("logits_to_keep", TensorProto.INT64, [1]),
+    ]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "kept", shape.vocab]),
+               helper.make_tensor_value_info("hidden", TensorProto.FLOAT, ["batch", "kept", shape.d_model])]
+    for i in range(shape.n_layers):
+        for kind in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", TensorProto.FLOAT, kv_dims))
+            outputs.append(helper.make_tensor_value_info(
+                f"present.{i}.{kind}", TensorProto.FLOAT, ["batch", shape.n_kv_heads, "total", shape.head_dim]))
+
+    # Sequence bookkeeping for GroupQueryAttention: per-row index of the last real token, and total length.
+    one = g.const("one_i64", np.array([1], dtype=np.int64))
+    mask_sum = g.op1("ReduceSum", ["attention_mask", one], keepdims=0)
+    seqlens_k = g.op1("Cast", [g.op1("Sub", [mask_sum, one])], to=TensorProto.INT32)
+    total = g.op1("Cast", [g.op1("Gather", [g.op1("Shape", ["attention_mask"]), g.const("axis1", np.array(1))],
+                                 axis=0)], to=TensorProto.INT32)
+    cos, sin = rotary_cache(shape, positions)
+    cos_name, sin_name = g.const("cos_cache", cos), g.const("sin_cache", sin)
+
+    say("embeddings")
+    embedding = model.tensor("token_embd.weight")  # [vocab, d_model]
+    x = g.op1("Gather", [g.const("embed_tokens", embedding), "input_ids"], axis=0)
+    scale = 1.0 / float(np.sqrt(shape.head_dim))
+    for i in range(shape.n_layers):
+        say(f"layer {i + 1}/{shape.n_layers}")
+        p = f"blk.{i}"
+        h = g.op1("SimplifiedLayerNormalization", [x, g.const(f"{p}.attn_norm", model.tensor(f"{p}.attn_norm.weight"))],
+                  axis=-1, epsilon=shape.rms_eps, stash_type=1)
+        qkv_bias = None
+        if shape.qkv_bias:
+            qkv_bias = np.concatenate([model.tensor(f"{p}.attn_{n}.bias") for n in ("q", "k", "v")])
+        qkv = g.projection(h, model, [f"{p}.attn_{n}.weight" for n in ("q", "k", "v")], f"{p}.attn_qkv", qkv_bias)
+        attn, present_k, present_v = g.op(
+            "GroupQueryAttention",
+            [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens_k, total, cos_name,
+             sin_name],
+            n_out=3, domain="com.microsoft", num_heads=shape.n_heads, kv_num_heads=shape.n_kv_heads, scale=scale,
+            do_rotary=1, rotary_interleaved=1 if shape.rope_interleaved else 0)
+        g.nodes.append(helper.make_node("Identity", [present_k], [f"present.{i}.key"], name=f"present_k_{i}"))
+        g.nodes.append(helper.make_node("Identity", [present_v], [f"present.{i}.value"], name=f"present_v_{i}"))
+        x = g.op1("Add", [x, g.projection(attn, model, [f"{p}.attn_output.weight"], f"{p}.attn_output")])
+        h = g.op1("SimplifiedLayerNormalization", [x, g.const(f"{p}.ffn_norm", model.tensor(f"{p}.ffn_norm.weight"))],
+                  axis=-1, epsilon=shape.rms_eps, stash_type=1)
+        gu = g.projection(h, model, [f"{p}.ffn_gate.weight", f"{p}.ffn_up.weight"], f"{p}.ffn_gate_up")
+        gate, up = g.op("Split", [gu, g.const(f"{p}.split", np.array([shape.ffn, shape.ffn], dtype=np.int64))],
+                        n_out=2, axis=-1)
+        act = g.op1("Mul", [g.op1("Mul", [gate, g.op1("Sigmoid", [gate])]), up])
+        x = g.op1("Add", [x, g.projection(act, model, [f"{p}.ffn_down.weight"], f"{p}.ffn_down")])
+
+    say("output")
+    x = g.op1("SimplifiedLayerNormalization", [x, g.const("output_norm", model.tensor("output_norm.weight"))],
+              axis=-1, epsilon=shape.rms_eps, stash_type=1)
+    start = g.op1("Neg", ["logits_to_keep"])
+    kept = g.op1("Slice", [x, start, g.const("slice_end", np.array([np.iinfo(np.int64).max], dtype=np.int64)),
+                           one])
+    output_name = "token_embd.weight" if shape.tied_output else "output.weight"
+    logits = g.projection(kept, model, [output_name], "lm_head")
+    g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="logits_out"))
+    # The final hidden state, for exact re-scoring of the top candidates (see workers/local/head.py).
+    g.nodes.append(helper.make_node("Identity", [kept], ["hidden"], name="hidden_out"))
+
+    graph = helper.make_graph(g.nodes, f"frugal-{shape.architecture}", inputs, outputs, g.initializers)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
+                                                    helper.make_opsetid("com.microsoft", 1)],
+                              producer_name="frugal")
+    proto.ir_version = 10
+    say("writing")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    data = out_path.with_name(out_path.name + ".data")
+    if data.exists():
+        data.unlink()
+    onnx.save_model(proto, str(out_path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data.name, size_threshold=1024)
+    return out_path

@@ -1,0 +1,119 @@
+"""An ONNX Runtime session for a built decoder, with a KV cache that lives in place.
+
+The cache is one pre-allocated buffer per layer and kind ([1, kv_heads, capacity, head_dim]) bound both
+as `past_key_values.*` and as `present.*`: GroupQueryAttention then writes the new keys and values into
+it where they belong (its shared past/present buffer mode), so a decode step copies no cache at all.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from workers.local.head import HEAD_FILE, ExactHead
+
+log = logging.getLogger("frugal.local")
+
+
+def choose_providers(preference: str = "auto") -> list[str]:
+    """CUDA when asked for or (auto) when onnxruntime-gpu and a GPU are both present; else CPU."""
+    import onnxruntime as ort  # noqa: PLC0415
+
+    available = ort.get_available_providers()
+    has_gpu = Path("/dev/nvidia0").exists() or Path("/dev/nvidiactl").exists()
+    if preference == "cuda" or (preference == "auto" and "CUDAExecutionProvider" in available and has_gpu):
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+@dataclass(frozen=True, slots=True)
+class DecoderInfo:
+    name: str
+    quant: str
+    n_layers: int
+    n_kv_heads: int
+    head_dim: int
+    vocab: int
+    context_length: int
+
+    @classmethod
+    def load(cls, model_dir: Path) -> DecoderInfo:
+        config = json.loads((model_dir / "frugal_model.json").read_text())
+        shape = config["shape"]
+        return cls(config["name"], config["quant"], shape["n_layers"], shape["n_kv_heads"], shape["head_dim"],
+                   shape["vocab"], min(shape["context_length"], config.get("max_positions", 8192)))
+
+
+class KVCache:
+    """One sequence's keys and values, `length` tokens of `capacity` filled."""
+
+    def __init__(self, info: DecoderInfo, capacity: int) -> None:
+        import onnxruntime as ort  # noqa: PLC0415
+
+        self.capacity = capacity
+        self.length = 0
+        shape = (1, info.n_kv_heads, capacity, info.head_dim)
+        self.values = {(i, kind): ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=np.float32))
+                       for i in range(info.n_layers) for kind in ("key", "value")}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(np.prod(v.shape())) * 4 for v in self.values.values())
+
+
+class DecoderSession:
+    """Runs the decoder graph: `forward(ids, cache)` appends `ids` to the cache and returns logits."""
+
+    def __init__(self, model_dir: Path, *, threads: int | None = None, provider: str = "auto") -> None:
+        import onnxruntime as ort  # noqa: PLC0415
+
+        self.model_dir = Path(model_dir)
+        self.info = DecoderInfo.load(self.model_dir)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads or os.cpu_count() or 1
+        options.inter_op_num_threads = 1
+        self.providers = choose_providers(provider)
+        self.session = ort.InferenceSession(str(self.model_dir / "model.onnx"), options, providers=self.providers)
+        self.head = ExactHead(self.model_dir) if (self.model_dir / HEAD_FILE).exists() else None
+        log.info("local model %s (%s) on %s, %d threads", self.info.name, self.info.quant,
+                 self.session.get_providers()[0], options.intra_op_num_threads)
+
+    def new_cache(self, capacity: int | None = None) -> KVCache:
+        return KVCache(self.info, min(capacity or self.info.context_length, self.info.context_length))
+
+    def forward(self, ids: np.ndarray | list[int], cache: KVCache, logits_to_keep: int = 1,
+                exact: bool = True) -> np.ndarray:
+        """Logits [len(ids) or logits_to_keep, vocab] for `ids` following what `cache` holds; each position's
+        best candidates re-scored exactly (`workers.local.head`) unless `exact` is False."""
+        tokens = np.asarray(ids, dtype=np.int64).reshape(1, -1)
+        total = cache.length + tokens.shape[1]
+        if total > cache.capacity:
+            raise ValueError(f"sequence of {total} tokens exceeds the cache capacity {cache.capacity}")
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", tokens)
+        binding.bind_cpu_input("attention_mask", np.ones((1, total), dtype=np.int64))
+        binding.bind_cpu_input("logits_to_keep", np.array([logits_to_keep], dtype=np.int64))
+        binding.bind_output("logits")  # first: get_outputs() keeps binding order
+        binding.bind_output("hidden")
+        for (layer, kind), value in cache.values.items():
+            binding.bind_ortvalue_input(f"past_key_values.{layer}.{kind}", value)
+            binding.bind_ortvalue_output(f"present.{layer}.{kind}", value)
+        self.session.run_with_iobinding(binding)
+        cache.length = total
+        outputs = binding.get_outputs()
+        logits = outputs[0].numpy()[0]
+        if self.head is not None and exact:
+            hidden = outputs[1].numpy()[0]
+            for position in range(logits.shape[0]):
+                logits[position] = self.head.rescore(logits[position], hidden[position])
+        return logits
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.info.name, "quant": self.info.quant, "providers": self.session.get_providers()}
