@@ -1,0 +1,104 @@
+"""`model: local/smollm2-135m-instruct` through the gateway with the official openai SDK, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import openai
+import pytest
+
+from tests.harness import API_KEY, BIN, Gateway
+
+
+@pytest.fixture(scope="module")
+def gateway(built: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    gw = Gateway(tmp_path_factory.mktemp("local-gw"), {"models": [
+        {"name": "local/smollm2-135m-instruct", "backend": "local/smollm2-135m-instruct",
+         "model_dir": str(built("int4")), "threads": 2},
+        {"name": "local/priced", "backend": "local/smollm2-135m-instruct", "model_dir": str(built("int4")),
+         "input_cost_per_token": 1e-8, "output_cost_per_token": 2e-8},
+    ]})
+    gw.start()
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture(scope="module")
+def client(gateway: Gateway) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gateway.url + "/v1", api_key=API_KEY, max_retries=0)
+
+
+def test_local_model_answers_paris(client: openai.OpenAI, gateway: Gateway) -> None:
+    raw = client.chat.completions.with_raw_response.create(
+        model="local/smollm2-135m-instruct", temperature=0,
+        messages=[{"role": "user", "content": "What is the capital of France?"}])
+    response = raw.parse()
+    assert "Paris" in response.choices[0].message.content
+    assert response.choices[0].finish_reason == "stop"
+    assert response.usage.prompt_tokens > 20 and response.usage.completion_tokens > 3
+    row = gateway.ledger_row(raw.headers["x-request-id"])
+    assert row["status"] == 200 and row["cost_usd"] == 0 and row["model"] == "local/smollm2-135m-instruct"
+
+
+def test_local_model_streams(client: openai.OpenAI) -> None:
+    chunks = list(client.chat.completions.create(
+        model="local/smollm2-135m-instruct", temperature=0, stream=True, stream_options={"include_usage": True},
+        messages=[{"role": "user", "content": "What is the capital of France?"}]))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert "Paris" in text
+    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 3
+    assert chunks[-1].usage.completion_tokens > 3
+
+
+def test_local_logprobs_and_configured_price(client: openai.OpenAI) -> None:
+    raw = client.chat.completions.with_raw_response.create(
+        model="local/priced", temperature=0, logprobs=True, top_logprobs=2, max_tokens=8,
+        messages=[{"role": "user", "content": "What is the capital of France?"}])
+    response = raw.parse()
+    content = response.choices[0].logprobs.content
+    assert len(content) == response.usage.completion_tokens and all(t.logprob <= 0 for t in content)
+    expected = response.usage.prompt_tokens * 1e-8 + response.usage.completion_tokens * 2e-8
+    assert float(raw.headers["x-frugal-cost-usd"]) == pytest.approx(expected)
+
+
+def test_local_legacy_completion(client: openai.OpenAI) -> None:
+    response = client.completions.create(model="local/smollm2-135m-instruct", prompt="The capital of France is",
+                                         max_tokens=4, temperature=0)
+    assert "Paris" in response.choices[0].text
+
+
+def test_unsupported_parameter_for_local_models_is_a_400(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as error:
+        client.chat.completions.create(model="local/smollm2-135m-instruct", response_format={"type": "json_object"},
+                                       messages=[{"role": "user", "content": "hi"}])
+    assert "response_format" in error.value.message
+
+
+def test_models_list_json(built: Callable[..., Path], models_root: Path) -> None:
+    built("int4")
+    done = subprocess.run([str(BIN / "frugal"), "models", "list", "--json", "--out", str(models_root)],
+                          capture_output=True, text=True, timeout=120)
+    listed = json.loads(done.stdout)
+    entry = next(m for m in listed if m["path"].endswith("smollm2-135m-instruct-int4"))
+    assert entry["kind"] == "decoder" and entry["size_bytes"] > 50_000_000 and "int4" in entry["quant"]
+
+
+def test_unsupported_architecture_is_refused_clearly(tmp_path: Path) -> None:
+    import gguf
+
+    path = tmp_path / "tiny-falcon.gguf"
+    writer = gguf.GGUFWriter(str(path), "falcon")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    done = subprocess.run([str(BIN / "frugal"), "models", "build", str(path), "--out", str(tmp_path / "m")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "unsupported architecture 'falcon'" in done.stderr and "Traceback" not in done.stderr
