@@ -193,3 +193,11 @@ def test_prompt_longer_than_the_context_is_refused(generator: LocalGenerator) ->
     state = Generation()
     with pytest.raises(ValueError, match="context"):
         list(generator.stream([1] * (generator.session.info.context_length + 1), SamplingParams(), 4, [], state))
+
+
+def test_fp16_weights_stay_close_to_fp32(built: Callable[..., Path], smollm2_source: Path) -> None:
+    ids = chat_ids(smollm2_source, PROMPTS[0])
+    fp16 = all_logits(built("fp16"), ids, exact=False)
+    fp32 = all_logits(built("fp32"), ids, exact=False)
+    assert np.abs(fp16 - fp32).max() < 0.5
+    assert (fp16.argmax(-1) == fp32.argmax(-1)).mean() >= 0.95

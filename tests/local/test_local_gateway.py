@@ -102,3 +102,16 @@ def test_unsupported_architecture_is_refused_clearly(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "unsupported architecture 'falcon'" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_generate_command(built: Callable[..., Path], models_root: Path) -> None:
+    import os
+
+    built("int4")
+    done = subprocess.run([str(BIN / "frugal"), "generate", "--prompt", "What is the capital of France?", "--json"],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "FRUGAL_MODELS_DIR": str(models_root)})
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert "Paris" in result["text"] and result["finish_reason"] == "stop"
+    assert result["usage"]["completion_tokens"] > 3 and result["decode_tokens_per_s"] > 0

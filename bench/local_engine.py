@@ -1,0 +1,245 @@
+"""The local tier's speed on this machine, side by side with llama.cpp on the same GGUF.
+
+For each of our builds (fp32, int8, int4) and for llama-cpp-python (a bench-only dependency:
+`pip install llama-cpp-python==0.3.36`, which compiles from source in ~7 min) and, if installed,
+transformers+torch: prefill time of a 500-token prompt, decode tokens/s at short (~20 tokens) and
+500-token context, and peak memory. Each engine runs in a child process of its own so its peak RSS is
+its own. Also: where a decode step's time goes (onnxruntime profile, default build) and the memory
+bandwidth bound (weight bytes read per token / measured bandwidth).
+
+    .venv/bin/python bench/local_engine.py [--json] [--record] [--threads N] [--decode-tokens N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench._common import markdown_table, record  # noqa: E402
+from workers.local.catalog import build, models_dir, smollm2_gguf  # noqa: E402
+
+VARIANTS = [("fp32", None), ("int8", None), ("int4", None)]
+
+
+def prompt_ids(n: int) -> list[int]:
+    """n real tokens: a chat prompt around a long passage (the same ids for every engine)."""
+    from workers.local.gguf_tokenizer import load_gguf_tokenizer
+
+    bundle = load_gguf_tokenizer(smollm2_gguf())
+    passage = " ".join(["The history of the printing press shows how a technology spreads: slowly, then "
+                        "all at once, as costs fall and readers multiply."] * 40)
+    text = bundle.chat_template.render([{"role": "user", "content": passage + " Summarise this."}])
+    ids = bundle.tokenizer.encode(text, add_special_tokens=False).ids
+    return ids[:n]
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM: unlike ru_maxrss, not inherited from the parent)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def child_ours(folder: str, threads: int, decode_tokens: int) -> dict:
+    from workers.local.runtime import DecoderSession
+
+    session = DecoderSession(Path(folder), threads=threads)
+    result: dict = {}
+    long_prompt = prompt_ids(500)
+    times = []
+    for _ in range(3):
+        cache = session.new_cache(600)
+        started = time.perf_counter()
+        session.forward(long_prompt, cache, 1)
+        times.append(time.perf_counter() - started)
+    result["prefill_500_ms"] = statistics.median(times) * 1000
+    for label, context in (("short", 20), ("500", 500)):
+        cache = session.new_cache(context + decode_tokens + 4)
+        logits = session.forward(long_prompt[:context], cache, 1)[-1]
+        token = int(np.argmax(logits))
+        started = time.perf_counter()
+        for _ in range(decode_tokens):
+            token = int(np.argmax(session.forward([token], cache, 1)[-1]))
+        result[f"decode_{label}_tok_s"] = decode_tokens / (time.perf_counter() - started)
+    result["peak_rss_mb"] = peak_rss_mb()
+    return result
+
+
+def child_llamacpp(threads: int, decode_tokens: int) -> dict:
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(smollm2_gguf()), n_ctx=1024, n_threads=threads, n_batch=512,
+                          verbose=False)
+    long_prompt = prompt_ids(500)
+    times = []
+    for _ in range(3):
+        llm.reset()  # otherwise llama-cpp-python reuses the cached prompt and skips the prefill
+        generator = llm.generate(long_prompt, temp=0.0, top_k=1, reset=True)
+        started = time.perf_counter()
+        next(generator)  # prefill + the first sampled token
+        times.append(time.perf_counter() - started)
+    result = {"prefill_500_ms": statistics.median(times) * 1000}
+    for label, context in (("short", 20), ("500", 500)):
+        llm.reset()
+        generator = llm.generate(long_prompt[:context], temp=0.0, top_k=1, reset=True)
+        next(generator)
+        started = time.perf_counter()
+        for _ in range(decode_tokens):
+            next(generator)
+        result[f"decode_{label}_tok_s"] = decode_tokens / (time.perf_counter() - started)
+    result["peak_rss_mb"] = peak_rss_mb()
+    return result
+
+
+def profile_decode(folder: Path, threads: int) -> list[tuple[str, float]]:
+    """Milliseconds per decode step by operator type (onnxruntime's profiler)."""
+    import onnxruntime as ort
+
+    from workers.local.runtime import DecoderSession
+
+    session = DecoderSession(folder, threads=threads)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.enable_profiling = True
+    options.profile_file_prefix = str(Path(tempfile.mkdtemp()) / "ort")
+    session.session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    cache = session.new_cache(128)
+    session.forward(prompt_ids(20), cache, 1)
+    steps = 20
+    for _ in range(steps):
+        session.forward([5], cache, 1)
+    events = json.loads(Path(session.session.end_profiling()).read_text())
+    runs = [e for e in events if e.get("name") == "model_run"][1:]
+    start = runs[0]["ts"]
+    by_op: collections.Counter[str] = collections.Counter()
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time") and event["ts"] >= start:
+            by_op[event["args"].get("op_name", "?")] += event["dur"]
+    total = sum(r["dur"] for r in runs) / len(runs) / 1000
+    rows = [(op, dur / len(runs) / 1000) for op, dur in by_op.most_common(8)]
+    rows.append(("(framework overhead between kernels)", total - sum(by_op.values()) / len(runs) / 1000))
+    return rows
+
+
+def bandwidth_gb_s() -> float:
+    """Memory read bandwidth: summing a 512 MB array (best of 5)."""
+    data = np.ones(64 * 1024 * 1024, dtype=np.float64)
+    best = min(_timed(data.sum) for _ in range(5))
+    return data.nbytes / best / 1e9
+
+
+def _timed(function: object) -> float:
+    started = time.perf_counter()
+    function()  # type: ignore[operator]
+    return time.perf_counter() - started
+
+
+def weight_bytes_per_token(folder: Path) -> int:
+    """Bytes of weights a decode step reads: everything but the embedding table (one row is gathered)."""
+    import onnx
+
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    total = 0
+    for tensor in model.graph.initializer:
+        size = int(np.prod(tensor.dims)) * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        if tensor.name != "embed_tokens" and "cos_cache" not in tensor.name and "sin_cache" not in tensor.name:
+            total += size
+    return total
+
+
+def run_child(args: list[str]) -> dict | None:
+    done = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
+    if done.returncode:
+        print(done.stderr[-2000:], file=sys.stderr)
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--record", action="store_true")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--folder", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child == "ours":
+        print(json.dumps(child_ours(args.folder, args.threads, args.decode_tokens)))
+        return
+    if args.child == "llamacpp":
+        print(json.dumps(child_llamacpp(args.threads, args.decode_tokens)))
+        return
+
+    common = ["--threads", str(args.threads), "--decode-tokens", str(args.decode_tokens)]
+    results: dict[str, dict | None] = {}
+    folders = {}
+    for quant, compute in VARIANTS:
+        folder = build("smollm2-135m-instruct", quant, compute=compute)
+        folders[quant] = folder
+        label = f"frugal ONNX {quant}" + (" (default)" if quant == "int4" else "")
+        results[label] = run_child(["--child", "ours", "--folder", str(folder), *common])
+    try:
+        import llama_cpp  # noqa: F401
+
+        results["llama.cpp (llama-cpp-python 0.3.36)"] = run_child(["--child", "llamacpp", *common])
+    except ImportError:
+        print("llama-cpp-python is not installed: pip install llama-cpp-python==0.3.36 (compiles ~7 min)",
+              file=sys.stderr)
+    try:
+        import transformers  # noqa: F401
+
+        print("transformers is installed but not measured by this version of the benchmark", file=sys.stderr)
+    except ImportError:
+        print("transformers+torch not installed: not measured", file=sys.stderr)
+
+    reference = results.get("llama.cpp (llama-cpp-python 0.3.36)")
+    rows = []
+    for name, r in results.items():
+        if r is None:
+            rows.append([name, "failed", "", "", "", ""])
+            continue
+        ratio = f"{r['decode_short_tok_s'] / reference['decode_short_tok_s']:.2f}x" if reference else "n/a"
+        rows.append([name, f"{r['prefill_500_ms']:.0f}", f"{r['decode_short_tok_s']:.1f}",
+                     f"{r['decode_500_tok_s']:.1f}", ratio, f"{r['peak_rss_mb']:.0f}"])
+    table = markdown_table(["engine", "prefill 500 tok (ms)", "decode tok/s (short ctx)", "decode tok/s (500 ctx)",
+                            "decode vs llama.cpp", "peak RSS (MB)"], rows)
+    profile = profile_decode(folders["int4"], args.threads)
+    bandwidth = bandwidth_gb_s()
+    per_token = {q: weight_bytes_per_token(f) for q, f in folders.items()}
+    bound = {q: bandwidth * 1e9 / b for q, b in per_token.items()}
+    notes = ["Where a decode step goes (int4 default build, ms per step, onnxruntime profiler):", "",
+             markdown_table(["operator", "ms/step"], [[op, f"{ms:.2f}"] for op, ms in profile]), "",
+             f"Memory bandwidth (numpy sum over 512 MB): {bandwidth:.1f} GB/s. Weight bytes read per decode step and "
+             "the decode ceiling they imply: " + "; ".join(f"{q}: {per_token[q] / 1e6:.0f} MB -> {bound[q]:.0f} tok/s"
+                                                          for q in per_token) + "."]
+    notes_text = "\n".join(notes)
+    if args.json:
+        print(json.dumps({"results": results, "profile_ms_per_step": profile, "bandwidth_gb_s": bandwidth,
+                          "weight_bytes_per_token": per_token, "models_dir": str(models_dir())}, indent=2))
+    else:
+        print(table)
+        print()
+        print(notes_text)
+    if args.record:
+        record("Local engine (SmolLM2-135M-Instruct)",
+               "python bench/local_engine.py " + " ".join(a for a in sys.argv[1:] if a != "--record") + " --record",
+               table, notes_text)
+
+
+if __name__ == "__main__":
+    main()
