@@ -1,0 +1,105 @@
+"""The graph builder on synthetic GGUFs of each supported layout (llama with tied output, qwen2 with
+Q/K/V biases, rotate-half RoPE and an untied output) and each exactly-mapped block type (Q4_0, Q4_1,
+Q8_0), against the independent numpy reference. Random weights: no such model is installable here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+from tests.local.reference_llama import forward, load_gguf_weights
+from workers.local.gguf_model import GGUFModel
+from workers.local.llama_graph import COMPUTE_LEVELS, build_llama_graph
+from workers.local.runtime import DecoderSession
+
+D, HEADS, KV, FFN, VOCAB, LAYERS = 64, 4, 2, 128, 320, 2
+QT = gguf.GGMLQuantizationType
+
+
+def write_gguf(path: Path, arch: str, weight_type: QT, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(LAYERS)
+    writer.add_context_length(256)
+    writer.add_embedding_length(D)
+    writer.add_feed_forward_length(FFN)
+    writer.add_head_count(HEADS)
+    writer.add_head_count_kv(KV)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_rope_dimension_count(D // HEADS)
+    writer.add_vocab_size(VOCAB)
+
+    def tensor(name: str, shape: tuple[int, ...], scale: float = 0.08, quantize: bool = True) -> None:
+        value = (rng.normal(size=shape) * scale).astype(np.float32)
+        if quantize and weight_type != QT.F32 and len(shape) == 2:
+            writer.add_tensor(name, gguf.quants.quantize(value, weight_type), raw_dtype=weight_type)
+        else:
+            writer.add_tensor(name, value)
+
+    tensor("token_embd.weight", (VOCAB, D), 0.5)
+    for i in range(LAYERS):
+        p = f"blk.{i}."
+        writer.add_tensor(p + "attn_norm.weight", (1 + rng.normal(size=D) * 0.1).astype(np.float32))
+        writer.add_tensor(p + "ffn_norm.weight", (1 + rng.normal(size=D) * 0.1).astype(np.float32))
+        tensor(p + "attn_q.weight", (D, D))
+        tensor(p + "attn_k.weight", (KV * D // HEADS, D))
+        tensor(p + "attn_v.weight", (KV * D // HEADS, D))
+        tensor(p + "attn_output.weight", (D, D))
+        tensor(p + "ffn_gate.weight", (FFN, D))
+        tensor(p + "ffn_up.weight", (FFN, D))
+        tensor(p + "ffn_down.weight", (D, FFN))
+        if arch == "qwen2":
+            for n, size in (("q", D), ("k", KV * D // HEADS), ("v", KV * D // HEADS)):
+                tensor(p + f"attn_{n}.bias", (size,), 0.1, quantize=False)
+    writer.add_tensor("output_norm.weight", (1 + rng.normal(size=D) * 0.1).astype(np.float32))
+    if arch == "qwen2":
+        tensor("output.weight", (VOCAB, D), 0.3)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def build(tmp: Path, source: Path, quant: str, compute: str) -> Path:
+    model = GGUFModel(source)
+    folder = tmp / f"{source.stem}-{quant}-{compute}"
+    build_llama_graph(model, quant, folder / "model.onnx", accuracy_level=COMPUTE_LEVELS[compute],
+                      head_accuracy_level=COMPUTE_LEVELS[compute])
+    (folder / "frugal_model.json").write_text(json.dumps({"name": source.stem, "quant": quant,
+                                                          "shape": model.shape.to_json()}))
+    return folder
+
+
+CASES = [
+    ("llama", QT.F32, "fp32"), ("qwen2", QT.F32, "fp32"),
+    ("llama", QT.Q4_1, "int4"), ("llama", QT.Q4_0, "int4"), ("llama", QT.Q8_0, "int8"),
+    ("qwen2", QT.Q4_1, "int4"), ("qwen2", QT.Q4_1, "int8"),
+]
+
+
+@pytest.mark.parametrize(("arch", "weight_type", "quant"), CASES, ids=[f"{a}-{w.name}-{q}" for a, w, q in CASES])
+def test_graph_matches_the_reference(tmp_path: Path, arch: str, weight_type: QT, quant: str) -> None:
+    source = write_gguf(tmp_path / f"{arch}-{weight_type.name}.gguf", arch, weight_type)
+    assert GGUFModel(source).shape.rope_interleaved == (arch == "llama")
+    # float32 activations: with the GGUF blocks kept exactly, quantized graphs must be as exact as fp32.
+    session = DecoderSession(build(tmp_path, source, quant, "fp32"), threads=1)
+    ids = np.random.default_rng(1).integers(0, VOCAB, size=40)
+    expected, _ = forward(load_gguf_weights(source), ids)
+    cache = session.new_cache(64)
+    got = np.concatenate([session.forward(ids[:25], cache, 0), session.forward(ids[25:], cache, 0)])
+    assert np.abs(got - expected).max() < 1e-3
+
+
+def test_int8_activations_stay_close(tmp_path: Path) -> None:
+    source = write_gguf(tmp_path / "llama.gguf", "llama", QT.Q4_1)
+    session = DecoderSession(build(tmp_path, source, "int4", "int8"), threads=1)
+    ids = np.random.default_rng(2).integers(0, VOCAB, size=32)
+    expected, _ = forward(load_gguf_weights(source), ids)
+    got = session.forward(ids, session.new_cache(40), 0)
+    assert np.abs(got - expected).max() < 0.2
