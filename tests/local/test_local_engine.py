@@ -38,6 +38,9 @@ LONG_TEXT = (
     "def factorial(n):\n    return 1 if n <= 1 else n * factorial(n - 1)\n"
 )
 
+# Model builds happen in fixtures, which count towards the first test's timeout.
+pytestmark = pytest.mark.timeout(900)
+
 
 @cache
 def reference_weights(path: str) -> LlamaWeights:

@@ -13,6 +13,9 @@ import pytest
 
 from tests.harness import API_KEY, BIN, Gateway
 
+# Model builds happen in fixtures, which count towards the first test's timeout.
+pytestmark = pytest.mark.timeout(900)
+
 
 @pytest.fixture(scope="module")
 def gateway(built: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:

@@ -44,7 +44,17 @@ class _Graph:
         self.head_accuracy_level = head_accuracy_level
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
+        self._shared: dict[str, str] = {}
         self._count = 0
+
+    def block_indicator(self, k: int) -> str:
+        """[k, k / 32] with ones where row k belongs to block b: x @ it = per-block sums (shared per k)."""
+        name = f"block_indicator_{k}"
+        if name not in self._shared:
+            indicator = np.zeros((k, k // GGUF_BLOCK), dtype=np.float32)
+            indicator[np.arange(k), np.arange(k) // GGUF_BLOCK] = 1.0
+            self._shared[name] = self.const(name, indicator)
+        return self._shared[name]
 
     def level_for(self, projection: str) -> int:
         return self.head_accuracy_level if projection == "lm_head" else self.accuracy_level
@@ -99,9 +109,9 @@ class _Graph:
         blocks = k // GGUF_BLOCK
         correction = np.concatenate([c if c is not None else np.zeros((q.n, blocks), np.float32)
                                      for q, c in converted], axis=0)
-        # Q4_1's per-block offsets: the sum of x over each block of 32, times the block's constant.
-        grouped = self.op1("Reshape", [x, self.const(f"{name}.blockshape", np.array([0, 0, blocks, GGUF_BLOCK]))])
-        sums = self.op1("ReduceSum", [grouped, self.const(f"{name}.lastaxis", np.array([-1]))], keepdims=0)
+        # Q4_1's per-block offsets: the sum of x over each block of 32 (one matmul with a 0/1 block indicator),
+        # times the block's constant.
+        sums = self.op1("MatMul", [x, self.block_indicator(k)])
         offsets = self.op1("MatMul", [sums, self.const(f"{name}.offsets_t", np.ascontiguousarray(correction.T))])
         return self.op1("Add", [y, offsets])
 
@@ -173,35 +183,46 @@ def build_llama_graph(model: GGUFModel, quant: Quant, out_path: Path,
     embedding = model.tensor("token_embd.weight")  # [vocab, d_model]
     x = g.op1("Gather", [g.const("embed_tokens", embedding), "input_ids"], axis=0)
     scale = 1.0 / float(np.sqrt(shape.head_dim))
+
+    def norm_with_residual(delta: str | None, residual: str, weight_name: str, tensor: str) -> tuple[str, str]:
+        """RMSNorm of residual + delta, and that sum (the new residual): one fused operator."""
+        gamma = g.const(weight_name, model.tensor(tensor))
+        if delta is None:
+            return g.op1("SimplifiedLayerNormalization", [residual, gamma], axis=-1, epsilon=shape.rms_eps,
+                         stash_type=1), residual
+        normed, total = g.name("normed"), g.name("residual")
+        g.nodes.append(helper.make_node("SkipSimplifiedLayerNormalization", [delta, residual, gamma],
+                                        [normed, "", "", total], name=g.name("SkipNorm"), domain="com.microsoft",
+                                        epsilon=shape.rms_eps))
+        return normed, total
+
+    delta: str | None = None
     for i in range(shape.n_layers):
         say(f"layer {i + 1}/{shape.n_layers}")
         p = f"blk.{i}"
-        h = g.op1("SimplifiedLayerNormalization", [x, g.const(f"{p}.attn_norm", model.tensor(f"{p}.attn_norm.weight"))],
-                  axis=-1, epsilon=shape.rms_eps, stash_type=1)
+        h, x = norm_with_residual(delta, x, f"{p}.attn_norm", f"{p}.attn_norm.weight")
         qkv_bias = None
         if shape.qkv_bias:
             qkv_bias = np.concatenate([model.tensor(f"{p}.attn_{n}.bias") for n in ("q", "k", "v")])
         qkv = g.projection(h, model, [f"{p}.attn_{n}.weight" for n in ("q", "k", "v")], f"{p}.attn_qkv", qkv_bias)
-        attn, present_k, present_v = g.op(
+        attn = g.name("attn")
+        g.nodes.append(helper.make_node(
             "GroupQueryAttention",
             [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens_k, total, cos_name,
              sin_name],
-            n_out=3, domain="com.microsoft", num_heads=shape.n_heads, kv_num_heads=shape.n_kv_heads, scale=scale,
-            do_rotary=1, rotary_interleaved=1 if shape.rope_interleaved else 0)
-        g.nodes.append(helper.make_node("Identity", [present_k], [f"present.{i}.key"], name=f"present_k_{i}"))
-        g.nodes.append(helper.make_node("Identity", [present_v], [f"present.{i}.value"], name=f"present_v_{i}"))
-        x = g.op1("Add", [x, g.projection(attn, model, [f"{p}.attn_output.weight"], f"{p}.attn_output")])
-        h = g.op1("SimplifiedLayerNormalization", [x, g.const(f"{p}.ffn_norm", model.tensor(f"{p}.ffn_norm.weight"))],
-                  axis=-1, epsilon=shape.rms_eps, stash_type=1)
+            [attn, f"present.{i}.key", f"present.{i}.value"], name=g.name("GQA"), domain="com.microsoft",
+            num_heads=shape.n_heads, kv_num_heads=shape.n_kv_heads, scale=scale, do_rotary=1,
+            rotary_interleaved=1 if shape.rope_interleaved else 0))
+        attn_out = g.projection(attn, model, [f"{p}.attn_output.weight"], f"{p}.attn_output")
+        h, x = norm_with_residual(attn_out, x, f"{p}.ffn_norm", f"{p}.ffn_norm.weight")
         gu = g.projection(h, model, [f"{p}.ffn_gate.weight", f"{p}.ffn_up.weight"], f"{p}.ffn_gate_up")
         gate, up = g.op("Split", [gu, g.const(f"{p}.split", np.array([shape.ffn, shape.ffn], dtype=np.int64))],
                         n_out=2, axis=-1)
         act = g.op1("Mul", [g.op1("Mul", [gate, g.op1("Sigmoid", [gate])]), up])
-        x = g.op1("Add", [x, g.projection(act, model, [f"{p}.ffn_down.weight"], f"{p}.ffn_down")])
+        delta = g.projection(act, model, [f"{p}.ffn_down.weight"], f"{p}.ffn_down")
 
     say("output")
-    x = g.op1("SimplifiedLayerNormalization", [x, g.const("output_norm", model.tensor("output_norm.weight"))],
-              axis=-1, epsilon=shape.rms_eps, stash_type=1)
+    x, _ = norm_with_residual(delta, x, "output_norm", "output_norm.weight")
     start = g.op1("Neg", ["logits_to_keep"])
     kept = g.op1("Slice", [x, start, g.const("slice_end", np.array([np.iinfo(np.int64).max], dtype=np.int64)),
                            one])
