@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test install install-test services lint bench clean
+.PHONY: run test install install-test services lint bench bench-local clean
 
 $(BIN)/python:
 	$(PYTHON) -c 'import sys; assert sys.version_info[:2] >= (3, 11), "Python 3.11+ is needed"'
@@ -46,6 +46,11 @@ test: install-test services lint
 bench: install-test
 	command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
 	$(BIN)/python bench/gateway_overhead.py --record
+
+## The local engine against llama.cpp on the same GGUF (llama-cpp-python compiles from source, ~7 min).
+bench-local: install-test
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[bench]'
+	$(BIN)/python bench/local_engine.py --record
 
 clean:
 	rm -rf $(VENV) .pytest_cache frugal-ledger.db frugal-ledger.db-* frugal-ledger-spill.jsonl
