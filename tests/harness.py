@@ -201,6 +201,12 @@ class Gateway(Service):
 
         return wait_until(fetch, timeout_s, f"ledger row {request_id}")
 
+    def client(self) -> Any:
+        """The official openai SDK pointed at this gateway (no SDK retries: tests see every error)."""
+        import openai
+
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=API_KEY, max_retries=0)
+
     def stop(self) -> int | None:
         if self._engine is not None:
             self._engine.dispose()

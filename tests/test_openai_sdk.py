@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import openai
 import pytest
 
-from tests.harness import API_KEY, Gateway, Service, model_entry
+from tests.harness import Gateway, Service, model_entry
 from workers.tokens import count_tokens
 
 TRANSPORTS = ["litellm", "http"]
@@ -37,7 +37,7 @@ def gateway(standin_server: Service, tmp_path_factory: pytest.TempPathFactory) -
 
 @pytest.fixture(scope="module")
 def client(gateway: Gateway) -> openai.OpenAI:
-    return openai.OpenAI(base_url=gateway.url + "/v1", api_key=API_KEY, max_retries=0)
+    return gateway.client()
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)

@@ -11,7 +11,7 @@ import numpy as np
 import openai
 import pytest
 
-from tests.harness import API_KEY, BIN, Gateway
+from tests.harness import BIN, Gateway
 
 # Model builds happen in fixtures, which count towards the first test's timeout.
 pytestmark = pytest.mark.timeout(900)
@@ -32,7 +32,7 @@ def gateway(built: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory
 
 @pytest.fixture(scope="module")
 def client(gateway: Gateway) -> openai.OpenAI:
-    return openai.OpenAI(base_url=gateway.url + "/v1", api_key=API_KEY, max_retries=0)
+    return gateway.client()
 
 
 def test_local_model_answers_paris(client: openai.OpenAI, gateway: Gateway) -> None:

@@ -146,6 +146,17 @@ def _encoder_graph(get: Callable[[str], np.ndarray], cfg: dict[str, Any]) -> Any
     mask_bias = g.op("Mul", [g.op("Sub", [f_one, mask_f]), f_mask])
     mask_bias = g.op("Unsqueeze", [mask_bias, axes12], name="attention_bias")
 
+    def dense(x: str, name: str, prefix: str) -> str:
+        """x @ W^T + b for the BERT linear layer `prefix`."""
+        weight = g.const(f"{name}_w", get(prefix + ".weight").T)
+        return g.op("Add", [g.op("MatMul", [x, weight]), g.const(f"{name}_b", get(prefix + ".bias"))])
+
+    def residual_norm(delta: str, residual: str, name: str, prefix: str, output: str | None = None) -> str:
+        """LayerNorm(delta + residual): BERT's post-norm residual connection."""
+        gamma, beta = g.const(f"{name}_w", get(prefix + ".weight")), g.const(f"{name}_b", get(prefix + ".bias"))
+        return g.op("LayerNormalization", [g.op("Add", [delta, residual]), gamma, beta], axis=-1, epsilon=eps,
+                    name=output)
+
     scale = 1.0 / math.sqrt(head_dim)
     for i in range(layers):
         p = f"encoder.layer.{i}."
@@ -175,52 +186,16 @@ def _encoder_graph(get: Callable[[str], np.ndarray], cfg: dict[str, Any]) -> Any
         probs = g.op("Softmax", [scores], axis=-1)
         context = g.op("Transpose", [g.op("MatMul", [probs, v])], perm=[0, 2, 1, 3])
         context = g.op("Reshape", [context, merge_shape])
-        attn = g.op(
-            "Add",
-            [
-                g.op("MatMul", [context, g.const(f"l{i}_attn_out_w", get(p + "attention.output.dense.weight").T)]),
-                g.const(f"l{i}_attn_out_b", get(p + "attention.output.dense.bias")),
-            ],
-        )
-        x = g.op(
-            "LayerNormalization",
-            [
-                g.op("Add", [attn, x]),
-                g.const(f"l{i}_attn_ln_w", get(p + "attention.output.LayerNorm.weight")),
-                g.const(f"l{i}_attn_ln_b", get(p + "attention.output.LayerNorm.bias")),
-            ],
-            axis=-1,
-            epsilon=eps,
-        )
+        attn = dense(context, f"l{i}_attn_out", p + "attention.output.dense")
+        x = residual_norm(attn, x, f"l{i}_attn_ln", p + "attention.output.LayerNorm")
         # Feed-forward with exact (erf) GELU: 0.5 * h * (1 + erf(h / sqrt(2))).
-        h = g.op(
-            "Add",
-            [
-                g.op("MatMul", [x, g.const(f"l{i}_ffn_in_w", get(p + "intermediate.dense.weight").T)]),
-                g.const(f"l{i}_ffn_in_b", get(p + "intermediate.dense.bias")),
-            ],
-        )
+        h = dense(x, f"l{i}_ffn_in", p + "intermediate.dense")
         # Written as x * (1 + erf(x / sqrt2)) * 0.5, the form onnxruntime recognises and fuses into BiasGelu.
         erf = g.op("Erf", [g.op("Div", [h, f_sqrt2])])
         gelu = g.op("Mul", [g.op("Mul", [h, g.op("Add", [erf, f_one])]), f_half])
-        ffn = g.op(
-            "Add",
-            [
-                g.op("MatMul", [gelu, g.const(f"l{i}_ffn_out_w", get(p + "output.dense.weight").T)]),
-                g.const(f"l{i}_ffn_out_b", get(p + "output.dense.bias")),
-            ],
-        )
-        x = g.op(
-            "LayerNormalization",
-            [
-                g.op("Add", [ffn, x]),
-                g.const(f"l{i}_ffn_ln_w", get(p + "output.LayerNorm.weight")),
-                g.const(f"l{i}_ffn_ln_b", get(p + "output.LayerNorm.bias")),
-            ],
-            axis=-1,
-            epsilon=eps,
-            name="token_embeddings" if i == layers - 1 else None,
-        )
+        ffn = dense(gelu, f"l{i}_ffn_out", p + "output.dense")
+        x = residual_norm(ffn, x, f"l{i}_ffn_ln", p + "output.LayerNorm",
+                          output="token_embeddings" if i == layers - 1 else None)
 
     # Mean pooling over real tokens (count clamped like sentence-transformers), then L2 normalisation.
     mask_3d = g.op("Unsqueeze", [mask_f, g.const("c_axes_m1", np.array([-1], dtype=np.int64))])
