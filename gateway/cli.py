@@ -23,7 +23,9 @@ def _logging(level: str) -> None:
     listener = logging.handlers.QueueListener(log_queue, handler, respect_handler_level=True)
     listener.start()
     atexit.register(listener.stop)
-    logging.basicConfig(level=level.upper(), handlers=[logging.handlers.QueueHandler(log_queue)], force=True)
+    # The queue side only renders the message; the listener's handler adds time, level and logger once.
+    logging.basicConfig(level=level.upper(), handlers=[logging.handlers.QueueHandler(log_queue)], force=True,
+                        format="%(message)s")
 
 
 @app.command()

@@ -82,3 +82,12 @@ def test_the_example_configs_are_valid() -> None:
 
     for path in sorted((REPO / "examples").glob("*.yaml")):
         assert parse_config(path.read_text(), str(path)).models
+
+
+def test_log_lines_are_formatted_once(tmp_path: Path) -> None:
+    script = ("import logging\nfrom gateway.cli import _logging\n_logging('info')\n"
+              "logging.getLogger('frugal.test').info('hello %s', 'there')\n")
+    done = subprocess.run([str(BIN.parent / "bin" / "python"), "-c", script], capture_output=True, text=True,
+                          timeout=60, cwd=tmp_path)
+    lines = [line for line in done.stderr.splitlines() if "hello" in line]
+    assert len(lines) == 1 and lines[0].endswith("INFO frugal.test hello there"), done.stderr
