@@ -160,7 +160,8 @@ class LocalBackend:
                                       logprobs=self._logprobs([payload]) if want else None)
         finally:
             cancel.set()  # the consumer left (or finished): stop generating, free the cache
-            await asyncio.shield(asyncio.wrap_future(future)) if not future.done() else None
+            if not future.done():
+                await asyncio.shield(future)  # the producer stops within one token
         yield StreamChunk(usage=usage, cost_usd=self.price.cost(usage.prompt_tokens, usage.completion_tokens))
 
     async def aclose(self) -> None:
