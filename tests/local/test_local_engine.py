@@ -204,3 +204,27 @@ def test_fp16_weights_stay_close_to_fp32(built: Callable[..., Path], smollm2_sou
     fp32 = all_logits(built("fp32"), ids, exact=False)
     assert np.abs(fp16 - fp32).max() < 0.5
     assert (fp16.argmax(-1) == fp32.argmax(-1)).mean() >= 0.95
+
+
+def test_a_stream_consumer_that_leaves_stops_generation(built: Callable[..., Path]) -> None:
+    import asyncio
+
+    from workers.backend import GenerationRequest
+    from workers.local.backend import LocalBackend
+
+    backend = LocalBackend("local/test", built("int4"), threads=2)
+    request = GenerationRequest("chat", messages=[{"role": "user", "content": "Write a very long story about a "
+                                                  "dragon who learns to cook."}],
+                                params={"temperature": 0, "max_tokens": 300})
+
+    async def consume_three() -> None:
+        stream = backend.stream(request)
+        received = 0
+        async for chunk in stream:
+            received += bool(chunk.text)
+            if received == 3:
+                break
+        await stream.aclose()  # what the gateway does when its client disconnects
+
+    asyncio.run(consume_three())
+    assert backend.finished == {"cancelled": 1}

@@ -8,6 +8,7 @@ import asyncio
 import dataclasses
 import threading
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -41,6 +42,8 @@ class LocalBackend:
         self.price = price or TokenPrice()
         self.generator = LocalGenerator(model_dir, threads=threads, provider=provider)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"local-{name}")
+        #: How generations ended (stop, length, cancelled), for metrics and tests.
+        self.finished: Counter[str] = Counter()
 
     # -- request translation ------------------------------------------------------------------------
     def _prompt_ids(self, request: GenerationRequest) -> list[int]:
@@ -109,6 +112,7 @@ class LocalBackend:
                     return list(self._steps(request, index, state, cancel))
 
                 steps = await loop.run_in_executor(self._executor, run)
+                self.finished[state.finish_reason or "unknown"] += 1
                 want = bool(request.params.get("logprobs"))
                 choices.append(Choice(index, state.text, state.finish_reason, self._logprobs(steps) if want else None))
                 usage.prompt_tokens = state.prompt_tokens
@@ -135,6 +139,9 @@ class LocalBackend:
                     state = Generation()
                     for step in self._steps(request, index, state, cancel):
                         loop.call_soon_threadsafe(queue.put_nowait, (index, step))
+                    self.finished[state.finish_reason or "unknown"] += 1
+                    if state.finish_reason == "cancelled":
+                        break
                     loop.call_soon_threadsafe(queue.put_nowait, (index, state))
             except BaseException as exc:  # delivered to the consumer, which raises it
                 loop.call_soon_threadsafe(queue.put_nowait, exc)
