@@ -110,6 +110,40 @@ def child_llamacpp(threads: int, decode_tokens: int) -> dict:
     return result
 
 
+def child_transformers(gguf_path: str, ids_file: str, threads: int, decode_tokens: int) -> dict:
+    """transformers + torch (CPU, float32) on the same GGUF, which transformers dequantizes on load."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(threads)
+    path = Path(gguf_path)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    model.eval()
+    long_prompt = json.loads(Path(ids_file).read_text())
+    result: dict = {}
+    with torch.no_grad():
+        times = []
+        for _ in range(3):
+            started = time.perf_counter()
+            model(torch.tensor([long_prompt]), use_cache=True)
+            times.append(time.perf_counter() - started)
+        result["prefill_500_ms"] = statistics.median(times) * 1000
+        for label, context in (("short", 20), ("500", 500)):
+            rates = []
+            for _ in range(3):
+                out = model(torch.tensor([long_prompt[:context]]), use_cache=True)
+                token = out.logits[0, -1].argmax().reshape(1, 1)
+                past = out.past_key_values
+                started = time.perf_counter()
+                for _ in range(decode_tokens):
+                    out = model(token, past_key_values=past, use_cache=True)
+                    past, token = out.past_key_values, out.logits[0, -1].argmax().reshape(1, 1)
+                rates.append(decode_tokens / (time.perf_counter() - started))
+            result[f"decode_{label}_tok_s"] = statistics.median(rates)
+    result["peak_rss_mb"] = peak_rss_mb()
+    return result
+
+
 def profile_decode(folder: Path, threads: int) -> list[tuple[str, float]]:
     """Milliseconds per decode step by operator type (onnxruntime's profiler)."""
     import onnxruntime as ort
@@ -166,8 +200,8 @@ def weight_bytes_per_token(folder: Path) -> int:
     return total
 
 
-def run_child(args: list[str]) -> dict | None:
-    done = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
+def run_child(args: list[str], python: str = sys.executable) -> dict | None:
+    done = subprocess.run([python, __file__, *args], capture_output=True, text=True)
     if done.returncode:
         print(done.stderr[-2000:], file=sys.stderr)
         return None
@@ -178,16 +212,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--torch-python", help="an interpreter with torch and transformers installed (the project "
+                        "never installs torch): measures transformers' CPU generation on the same GGUF")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--record", action="store_true")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
+    parser.add_argument("--ids-file", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child == "ours":
         print(json.dumps(child_ours(args.folder, args.threads, args.decode_tokens)))
         return
     if args.child == "llamacpp":
         print(json.dumps(child_llamacpp(args.threads, args.decode_tokens)))
+        return
+    if args.child == "transformers":
+        print(json.dumps(child_transformers(args.folder, args.ids_file, args.threads, args.decode_tokens)))
         return
 
     common = ["--threads", str(args.threads), "--decode-tokens", str(args.decode_tokens)]
@@ -205,12 +245,15 @@ def main() -> None:
     except ImportError:
         print("llama-cpp-python is not installed: pip install llama-cpp-python==0.3.36 (compiles ~7 min)",
               file=sys.stderr)
-    try:
-        import transformers  # noqa: F401
-
-        print("transformers is installed but not measured by this version of the benchmark", file=sys.stderr)
-    except ImportError:
-        print("transformers+torch not installed: not measured", file=sys.stderr)
+    if args.torch_python:
+        ids_file = Path(tempfile.mkdtemp()) / "prompt_ids.json"
+        ids_file.write_text(json.dumps(prompt_ids(500)))
+        results["transformers + torch (CPU, fp32)"] = run_child(
+            ["--child", "transformers", "--folder", str(smollm2_gguf()), "--ids-file", str(ids_file), *common],
+            python=args.torch_python)
+    else:
+        print("transformers+torch: not measured (pass --torch-python with an interpreter that has them)",
+              file=sys.stderr)
 
     reference = results.get("llama.cpp (llama-cpp-python 0.3.36)")
     rows = []
