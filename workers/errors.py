@@ -50,6 +50,15 @@ class BackendError(Exception):
         return f"BackendError({self.kind.value}, status={self.status}, {self.message!r})"
 
 
+def retry_after_seconds(headers: object) -> float | None:
+    """A provider's Retry-After header (seconds), when there is one and it is a number."""
+    value = headers.get("retry-after") if hasattr(headers, "get") else None
+    try:
+        return float(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
 def kind_for_status(status: int) -> FailureKind:
     """Classify an upstream HTTP status the way OpenAI-compatible providers use them."""
     if status == 408:

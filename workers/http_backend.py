@@ -17,17 +17,9 @@ import aiohttp
 import orjson
 
 from workers.backend import GenerationRequest, GenerationResult, StreamChunk, Usage
-from workers.errors import BackendError, FailureKind, kind_for_status
+from workers.errors import BackendError, FailureKind, kind_for_status, retry_after_seconds
 from workers.openai_format import error_message, parse_response, parse_stream_chunk
 from workers.remote import RemoteModel, check_credentials, choice_texts, complete_usage, request_body
-
-
-def _retry_after(headers: Any) -> float | None:
-    value = headers.get("retry-after")
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None
 
 
 class HTTPBackend:
@@ -62,7 +54,7 @@ class HTTPBackend:
             body = None
         message = error_message(body, content[:200].decode("utf-8", "replace") or f"HTTP {status}")
         return BackendError(kind_for_status(status), f"{self.name}: upstream answered {status}: {message}",
-                            status=status, retry_after_s=_retry_after(headers))
+                            status=status, retry_after_s=retry_after_seconds(headers))
 
     def _transport_error(self, exc: BaseException) -> BackendError:
         if isinstance(exc, TimeoutError):

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from workers.backend import GenerationRequest, GenerationResult, StreamChunk, Usage
-from workers.errors import BackendError, FailureKind, kind_for_status
+from workers.errors import BackendError, FailureKind, kind_for_status, retry_after_seconds
 from workers.litellm_loader import load_litellm
 from workers.openai_format import parse_response, parse_stream_chunk
 from workers.remote import RemoteModel, check_credentials, choice_texts, complete_usage, request_body
@@ -59,14 +59,7 @@ class LiteLLMBackend:
         exceptions = self._litellm.exceptions
         message = f"{self.name}: {type(exc).__name__}: {getattr(exc, 'message', None) or exc}"
         status = getattr(exc, "status_code", None)
-        retry_after = None
-        response = getattr(exc, "response", None)
-        headers = getattr(response, "headers", None)
-        if headers is not None and headers.get("retry-after"):
-            try:
-                retry_after = float(headers["retry-after"])
-            except ValueError:
-                retry_after = None
+        retry_after = retry_after_seconds(getattr(getattr(exc, "response", None), "headers", None))
         if isinstance(exc, exceptions.Timeout):
             kind = FailureKind.TIMEOUT
         elif isinstance(exc, exceptions.ContextWindowExceededError):
