@@ -11,6 +11,8 @@ from typing import Annotated
 
 import typer
 
+from workers.local.catalog import DEFAULT_QUANT
+
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Frugal: a cost-aware LLM gateway.")
 
 
@@ -105,7 +107,7 @@ app.add_typer(models_app, name="models")
 @models_app.command("build")
 def models_build(
     model: Annotated[str, typer.Argument(help="A known model (smollm2-135m-instruct, minilm-l6-v2) or a GGUF path")],
-    quant: Annotated[str, typer.Option(help="int4 (default), int8, fp16 or fp32")] = "int4",
+    quant: Annotated[str, typer.Option(help="int8 (default), int4, fp16 or fp32")] = DEFAULT_QUANT,
     compute: Annotated[str | None, typer.Option(help="Activation precision: fp32 or int8 (default: per quant)")]
     = None,
     out: Annotated[Path | None, typer.Option(help="Models folder (default: $FRUGAL_MODELS_DIR or "
@@ -161,7 +163,7 @@ def generate(
     max_tokens: Annotated[int, typer.Option(min=1)] = 256,
     temperature: Annotated[float, typer.Option(min=0.0, max=2.0)] = 0.0,
     seed: Annotated[int | None, typer.Option()] = None,
-    quant: Annotated[str, typer.Option()] = "int4",
+    quant: Annotated[str, typer.Option(help="int8 (default), int4, fp16 or fp32")] = DEFAULT_QUANT,
     raw: Annotated[bool, typer.Option(help="Send the prompt as is, without the chat template")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with text, usage and timings")]
     = False,

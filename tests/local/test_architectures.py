@@ -5,6 +5,7 @@ Q8_0), against the independent numpy reference. Random weights: no such model is
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import gguf
@@ -14,13 +15,16 @@ import pytest
 from tests.local.reference_llama import forward, load_gguf_weights
 from workers.local.gguf_model import GGUFModel
 from workers.local.llama_graph import COMPUTE_LEVELS, build_llama_graph
+from workers.local.quantize import symmetric_blocks
 from workers.local.runtime import DecoderSession
 
 D, HEADS, KV, FFN, VOCAB, LAYERS = 64, 4, 2, 128, 320, 2
 QT = gguf.GGMLQuantizationType
 
 
-def write_gguf(path: Path, arch: str, weight_type: QT, seed: int = 0) -> Path:
+def write_gguf(path: Path, arch: str, weight_type: QT, seed: int = 0,
+               transform: Callable[[np.ndarray], np.ndarray] | None = None) -> Path:
+    """A random model; `transform` is applied to every float matrix before it is written."""
     rng = np.random.default_rng(seed)
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(LAYERS)
@@ -36,6 +40,8 @@ def write_gguf(path: Path, arch: str, weight_type: QT, seed: int = 0) -> Path:
 
     def tensor(name: str, shape: tuple[int, ...], scale: float = 0.08, quantize: bool = True) -> None:
         value = (rng.normal(size=shape) * scale).astype(np.float32)
+        if transform is not None and len(shape) == 2:
+            value = transform(value)
         if quantize and weight_type != QT.F32 and len(shape) == 2:
             writer.add_tensor(name, gguf.quants.quantize(value, weight_type), raw_dtype=weight_type)
         else:
@@ -78,7 +84,7 @@ def build(tmp: Path, source: Path, quant: str, compute: str) -> Path:
 
 CASES = [
     ("llama", QT.F32, "fp32"), ("qwen2", QT.F32, "fp32"),
-    ("llama", QT.Q4_1, "int4"), ("llama", QT.Q4_0, "int4"), ("llama", QT.Q8_0, "int8"),
+    ("llama", QT.Q4_1, "int4"), ("llama", QT.Q4_0, "int4"), ("llama", QT.Q8_0, "int8"), ("llama", QT.Q8_0, "int4"),
     ("qwen2", QT.Q4_1, "int4"), ("qwen2", QT.Q4_1, "int8"),
 ]
 
@@ -103,3 +109,25 @@ def test_int8_activations_stay_close(tmp_path: Path) -> None:
     expected, _ = forward(load_gguf_weights(source), ids)
     got = session.forward(ids, session.new_cache(40), 0)
     assert np.abs(got - expected).max() < 0.2
+
+
+def eight_bit(weight: np.ndarray) -> np.ndarray:
+    blocks = symmetric_blocks(weight, 8)
+    return (blocks.q.astype(np.float32) * blocks.scale[..., None]).reshape(weight.shape)
+
+
+def test_int8_from_float_weights_computes_their_8_bit_blocks_exactly(tmp_path: Path) -> None:
+    """A float source becomes symmetric 8-bit blocks run with float activations (split into two 4-bit
+    halves): exact for weights that are 8-bit blocks already, and far closer to a float model than 4 bits."""
+    ids = np.random.default_rng(3).integers(0, VOCAB, size=32)
+
+    def logits(source: Path, quant: str) -> np.ndarray:
+        session = DecoderSession(build(tmp_path, source, quant, "fp32"), threads=1)
+        return session.forward(ids, session.new_cache(40), 0)
+
+    rounded = write_gguf(tmp_path / "llama-8bit-values.gguf", "llama", QT.F32, transform=eight_bit)
+    assert np.abs(logits(rounded, "int8") - forward(load_gguf_weights(rounded), ids)[0]).max() < 1e-3
+    source = write_gguf(tmp_path / "llama-f32.gguf", "llama", QT.F32)
+    expected, _ = forward(load_gguf_weights(source), ids)
+    error = {quant: np.abs(logits(source, quant) - expected).max() for quant in ("int8", "int4")}
+    assert error["int8"] * 10 < error["int4"], error

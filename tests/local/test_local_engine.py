@@ -71,8 +71,10 @@ def test_fp32_graph_matches_the_numpy_reference(built: Callable[..., Path], smol
 
 
 @pytest.mark.parametrize(("quant", "compute", "floor"), [
-    ("int4", None, 0.99),  # the default: GGUF 4-bit blocks kept exactly, float32 activations
-    ("int8", None, 0.95),  # the fast profile, int8 activations: measured 96.1% here, below the 99% goal
+    ("int8", None, 0.99),  # the default: weight-only, GGUF blocks kept exactly, float32 activations
+    # The fast profile (int8 activations, as llama.cpp computes): measured 96.8% here; llama.cpp itself agrees
+    # with the same reference on 94.3% of these positions (docs/local.md).
+    ("int4", "int8", 0.94),
 ])
 def test_quantized_graph_agrees_with_the_reference(built: Callable[..., Path], smollm2_source: Path, quant: str,
                                                     compute: str | None, floor: float) -> None:
@@ -84,7 +86,7 @@ def test_quantized_graph_agrees_with_the_reference(built: Callable[..., Path], s
     got = all_logits(built(quant, compute), ids)  # with the exact re-scoring of the top candidates
     agreement = float((got.argmax(-1) == expected.argmax(-1)).mean())
     assert agreement >= floor, f"{quant}: top-1 agreement {agreement:.3f}"
-    if quant == "int4":
+    if compute is None:
         raw = all_logits(built(quant, compute), ids, exact=False)
         assert np.abs(raw - expected).max() < 1.0  # exact weights: only the int8 output layer differs
 
@@ -105,7 +107,7 @@ def greedy_ids(session: DecoderSession, prompt: list[int], steps: int, use_cache
     return out
 
 
-@pytest.mark.parametrize("quant", ["int4", "fp32"])
+@pytest.mark.parametrize("quant", ["int8", "fp32"])
 def test_greedy_with_the_kv_cache_equals_recomputation(built: Callable[..., Path], smollm2_source: Path,
                                                        quant: str) -> None:
     session = DecoderSession(built(quant), threads=2)
@@ -124,7 +126,7 @@ def test_chunked_prefill_equals_one_pass(built: Callable[..., Path], smollm2_sou
 
 @pytest.fixture(scope="module")
 def generator(built: Callable[..., Path]) -> LocalGenerator:
-    return LocalGenerator(built("int4"), threads=2)
+    return LocalGenerator(built("int8"), threads=2)
 
 
 GREEDY = SamplingParams(temperature=0)
@@ -139,10 +141,14 @@ def run(generator: LocalGenerator, text: str, params: SamplingParams = GREEDY,
     return state, steps
 
 
+CORRECTNESS_PROMPTS = ["What is the capital of France?", "What is 2 + 2?", "Name three primary colors.",
+                       *PROMPTS[1:]]
+
+
 def test_the_default_model_answers_like_fp32(generator: LocalGenerator, built: Callable[..., Path]) -> None:
     reference = LocalGenerator(built("fp32"), threads=2)
-    for text in ["What is the capital of France?", "What is 2 + 2?", "Name three primary colors."]:
-        assert run(generator, text)[0].text == run(reference, text)[0].text
+    for text in CORRECTNESS_PROMPTS:
+        assert run(generator, text)[0].text == run(reference, text)[0].text, text
     assert "Paris" in run(generator, "What is the capital of France?")[0].text
 
 
@@ -212,7 +218,7 @@ def test_a_stream_consumer_that_leaves_stops_generation(built: Callable[..., Pat
     from workers.backend import GenerationRequest
     from workers.local.backend import LocalBackend
 
-    backend = LocalBackend("local/test", built("int4"), threads=2)
+    backend = LocalBackend("local/test", built("int8"), threads=2)
     request = GenerationRequest("chat", messages=[{"role": "user", "content": "Write a very long story about a "
                                                   "dragon who learns to cook."}],
                                 params={"temperature": 0, "max_tokens": 300})

@@ -21,8 +21,8 @@ pytestmark = pytest.mark.timeout(900)
 def gateway(built: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     gw = Gateway(tmp_path_factory.mktemp("local-gw"), {"models": [
         {"name": "local/smollm2-135m-instruct", "backend": "local/smollm2-135m-instruct",
-         "model_dir": str(built("int4")), "threads": 2},
-        {"name": "local/priced", "backend": "local/smollm2-135m-instruct", "model_dir": str(built("int4")),
+         "model_dir": str(built("int8")), "threads": 2},
+        {"name": "local/priced", "backend": "local/smollm2-135m-instruct", "model_dir": str(built("int8")),
          "input_cost_per_token": 1e-8, "output_cost_per_token": 2e-8},
     ]})
     gw.start()
@@ -82,12 +82,12 @@ def test_unsupported_parameter_for_local_models_is_a_400(client: openai.OpenAI) 
 
 
 def test_models_list_json(built: Callable[..., Path], models_root: Path) -> None:
-    built("int4")
+    built("int8")
     done = subprocess.run([str(BIN / "frugal"), "models", "list", "--json", "--out", str(models_root)],
                           capture_output=True, text=True, timeout=120)
     listed = json.loads(done.stdout)
-    entry = next(m for m in listed if m["path"].endswith("smollm2-135m-instruct-int4"))
-    assert entry["kind"] == "decoder" and entry["size_bytes"] > 50_000_000 and "int4" in entry["quant"]
+    entry = next(m for m in listed if m["path"].endswith("smollm2-135m-instruct-int8"))
+    assert entry["kind"] == "decoder" and entry["size_bytes"] > 50_000_000 and "int8" in entry["quant"]
 
 
 def test_unsupported_architecture_is_refused_clearly(tmp_path: Path) -> None:
@@ -110,7 +110,7 @@ def test_unsupported_architecture_is_refused_clearly(tmp_path: Path) -> None:
 def test_generate_command(built: Callable[..., Path], models_root: Path) -> None:
     import os
 
-    built("int4")
+    built("int8")
     done = subprocess.run([str(BIN / "frugal"), "generate", "--prompt", "What is the capital of France?", "--json"],
                           capture_output=True, text=True, timeout=300,
                           env={**os.environ, "FRUGAL_MODELS_DIR": str(models_root)})

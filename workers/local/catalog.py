@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-BUILDER_VERSION = 1
+#: Bumped when the builder's output changes; folders built by another version are rebuilt.
+BUILDER_VERSION = 2
 MODEL_FILE = "frugal_model.json"
-DEFAULT_QUANT = "int4"
+#: Weight-only 8-bit: exact for GGUF Q4_0/Q4_1/Q8_0 sources, near-exact for float ones (docs/local.md).
+DEFAULT_QUANT = "int8"
 
 
 def models_dir() -> Path:
@@ -78,6 +78,14 @@ def folder_for(name: str, quant: str, root: Path | None = None, compute: str | N
     return (root or models_dir()) / (f"{name}-{variant(quant, compute)}" if quant != "-" else name)
 
 
+def is_current(folder: Path) -> bool:
+    """A complete folder written by this version of the builder."""
+    try:
+        return json.loads((folder / MODEL_FILE).read_text()).get("builder_version") == BUILDER_VERSION
+    except (OSError, ValueError):
+        return False
+
+
 def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -96,7 +104,7 @@ def build(name_or_path: str, quant: str = DEFAULT_QUANT, *, root: Path | None = 
             raise FileNotFoundError(f"{name_or_path!r} is neither a known model ({known}) nor a GGUF file")
         name, kind = source.stem.lower(), "decoder"
     out = folder_for(name, quant if kind == "decoder" else "-", root, compute)
-    if (out / MODEL_FILE).exists() and not force:
+    if is_current(out) and not force:
         say(f"{out} is already built")
         return out
     staging = out.with_name(out.name + ".partial")
@@ -121,9 +129,9 @@ def _build_decoder(name: str, source: Path, quant: str, compute: str | None, out
                    say: Callable[[str], None]) -> dict[str, Any]:
     from workers.local.gguf_model import GGUFModel, file_sha256  # noqa: PLC0415
     from workers.local.gguf_tokenizer import load_gguf_tokenizer, save_tokenizer  # noqa: PLC0415
-    from workers.local.head import head_from_weights, save_head  # noqa: PLC0415
+    from workers.local.head import save_head  # noqa: PLC0415
     from workers.local.llama_graph import COMPUTE_LEVELS, DEFAULT_COMPUTE, QUANTS, build_llama_graph  # noqa: PLC0415
-    from workers.local.quantize import from_gguf_blocks  # noqa: PLC0415
+    from workers.local.quantize import gguf_blocks, symmetric_blocks  # noqa: PLC0415
 
     if quant not in QUANTS:
         raise ValueError(f"unknown quantization {quant!r}; choose from {', '.join(QUANTS)}")
@@ -141,12 +149,8 @@ def _build_decoder(name: str, source: Path, quant: str, compute: str | None, out
         say("exact output head")
         head = "token_embd.weight" if model.shape.tied_output else "output.weight"
         raw, type_name = model.raw(head)
-        if type_name == "Q8_0":
-            quantized, _ = from_gguf_blocks(raw, type_name, 8)
-            q8 = (quantized.packed.reshape(quantized.n, -1).astype(np.int16) - 128).astype(np.int8)
-            save_head(out, q8, quantized.scales.reshape(quantized.n, -1))
-        else:
-            save_head(out, *head_from_weights(model.tensor(head)))
+        exact = type_name in ("Q8_0", "Q4_0")  # symmetric blocks as they stand
+        save_head(out, gguf_blocks(raw, type_name) if exact else symmetric_blocks(model.tensor(head), 8))
     return {"name": name, "kind": "decoder", "quant": quant, "compute": compute, "shape": model.shape.to_json(),
             "max_positions": min(model.shape.context_length, 8192), "source_sha256": file_sha256(source)}
 
@@ -168,7 +172,7 @@ def resolve(name: str, quant: str = DEFAULT_QUANT, *, root: Path | None = None, 
     """The folder of a built model, building it first when it is missing (and allowed)."""
     kind = KNOWN[name][0] if name in KNOWN else "decoder"
     folder = folder_for(name, quant if kind == "decoder" else "-", root, compute)
-    if (folder / MODEL_FILE).exists():
+    if is_current(folder):
         return folder
     if not build_missing:
         raise FileNotFoundError(f"model {name} ({quant}) is not built: run `frugal models build {name}`")

@@ -14,23 +14,15 @@ from pathlib import Path
 
 import numpy as np
 
+from workers.local.quantize import IntBlocks
+
 HEAD_FILE = "head_q8.npz"
 CANDIDATES = 16
 
 
-def save_head(out_dir: Path, q8: np.ndarray, scales: np.ndarray) -> None:
-    """`q8` int8 [vocab, d_model], `scales` float32 [vocab, d_model / 32]: weight = q8 * scale per block."""
-    np.savez(out_dir / HEAD_FILE, q8=q8.astype(np.int8), scales=scales.astype(np.float32))
-
-
-def head_from_weights(weight: np.ndarray, block: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 blocks for float weights (for heads whose source is not Q8_0)."""
-    v, k = weight.shape
-    blocks = weight.reshape(v, k // block, block)
-    scales = np.abs(blocks).max(axis=2) / 127.0
-    scales[scales == 0] = 1.0
-    q8 = np.clip(np.rint(blocks / scales[..., None]), -127, 127).astype(np.int8).reshape(v, k)
-    return q8, scales.astype(np.float32)
+def save_head(out_dir: Path, blocks: IntBlocks) -> None:
+    """The output weights as int8 blocks with a scale each: weight = q8 * scale per block of 32."""
+    np.savez(out_dir / HEAD_FILE, q8=blocks.q.reshape(blocks.n, -1), scales=blocks.scale)
 
 
 class ExactHead:

@@ -19,19 +19,28 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from workers.local.gguf_model import GGUFModel, LlamaShape
-from workers.local.quantize import EXACT_GGUF_TYPES, GGUF_BLOCK, from_gguf_blocks, quantize
+from workers.local.quantize import (
+    EXACT_GGUF_TYPES,
+    GGUF_BLOCK,
+    IntBlocks,
+    Quantized,
+    gguf_blocks,
+    pack,
+    quantize_asymmetric4,
+    split_int8,
+    symmetric_blocks,
+)
 
 Quant = Literal["fp32", "fp16", "int8", "int4"]
 QUANTS: tuple[str, ...] = ("int4", "int8", "fp16", "fp32")
 Compute = Literal["fp32", "int8"]
-BLOCK_SIZE = 32
 #: MatMulNBits accuracy levels: 1 computes with float32 activations (exact with exact weights), 4 quantizes
 #: the activations to int8 for int8 dot products (the fastest CPU path, but it perturbs every layer).
 ACCURACY_LEVEL = 4
 COMPUTE_LEVELS: dict[str, int] = {"fp32": 1, "int8": 4}
-#: Activation precision by default: int4 keeps float32 activations (onnxruntime's 4-bit kernels have a fast
-#: float32 path); int8 uses int8 activations (its float32 path is ~10x slower on CPU, measured).
-DEFAULT_COMPUTE: dict[str, str] = {"int4": "fp32", "int8": "int8", "fp16": "fp32", "fp32": "fp32"}
+#: Activation precision by default: float32 everywhere (weight-only quantization). `--compute int8` is the
+#: fast profile that quantizes activations too, as llama.cpp does.
+DEFAULT_COMPUTE: dict[str, str] = {"int4": "fp32", "int8": "fp32", "fp16": "fp32", "fp32": "fp32"}
 OPSET = 21
 
 
@@ -80,56 +89,51 @@ class _Graph:
                    bias: np.ndarray | None = None) -> str:
         """x @ W^T for W = the named GGUF tensors stacked along N (e.g. Q, K and V as one packed QKV).
 
-        Quantized modes keep GGUF blocks exactly where they map onto MatMulNBits (Q4_0, Q4_1, Q8_0):
-        the graph computes with the source's own integers and scales. Other types are dequantized and
-        re-quantized."""
+        Quantized modes keep GGUF blocks exactly where they map onto MatMulNBits (Q4_0, Q4_1, Q8_0): the
+        graph computes with the source's own integers and scales, 4-bit values on 4-bit blocks in either
+        mode (an 8-bit container would add nothing but bytes). Other types are dequantized and quantized
+        again: 8-bit symmetric blocks (int8) or 4-bit blocks with zero points (int4)."""
         if self.quant in ("int8", "int4"):
             parts = [model.raw(t) for t in tensors]
-            types = {type_name for _, type_name in parts}
-            if types <= EXACT_GGUF_TYPES:
-                # 4-bit where the source is 4-bit; Q8_0 stays 8-bit even in int4 mode (lossless first).
-                bits = 4 if self.quant == "int4" and "Q8_0" not in types else 8
-                return self._exact(x, parts, bits, name, bias)
+            if {type_name for _, type_name in parts} <= EXACT_GGUF_TYPES:
+                return self._blocks(x, _stack([gguf_blocks(raw, type_name) for raw, type_name in parts]), name,
+                                    bias)
         weight = np.concatenate([model.tensor(t) for t in tensors], axis=0)
-        return self.linear(x, weight, name, bias)
+        if self.quant == "int8" and weight.shape[1] % GGUF_BLOCK == 0:
+            return self._blocks(x, symmetric_blocks(weight, 8), name, bias)
+        if self.quant == "int4":
+            return self._matmul_nbits(x, quantize_asymmetric4(weight), name, bias)
+        return self._float(x, weight, name, bias)
 
-    def _exact(self, x: str, parts: list[tuple[np.ndarray, str]], bits: int, name: str,
-               bias: np.ndarray | None) -> str:
-        converted = [from_gguf_blocks(raw, type_name, bits) for raw, type_name in parts]
-        packed = np.concatenate([q.packed for q, _ in converted], axis=0)
-        scales = np.concatenate([q.scales for q, _ in converted])
-        n, k = packed.shape[0], converted[0][0].k
-        inputs = [x, self.const(f"{name}.qweight", packed), self.const(f"{name}.scales", scales)]
-        if bias is not None:
-            inputs += ["", "", self.const(f"{name}.bias", bias.astype(np.float32))]
-        y = self.op1("MatMulNBits", inputs, domain="com.microsoft", K=k, N=n, bits=bits, block_size=GGUF_BLOCK,
-                     accuracy_level=self.level_for(name))
-        if all(c is None for _, c in converted):
+    def _blocks(self, x: str, blocks: IntBlocks, name: str, bias: np.ndarray | None) -> str:
+        """x @ W^T for integer blocks: 4-bit values on 4-bit blocks; 8-bit values on 8-bit blocks with int8
+        activations, or split into two 4-bit halves (`split_int8`) to keep float activations fast."""
+        if blocks.fits_4_bits:
+            y = self._matmul_nbits(x, pack(blocks, 4), name, bias)
+        elif self.level_for(name) == COMPUTE_LEVELS["int8"]:
+            y = self._matmul_nbits(x, pack(blocks, 8), name, bias)
+        else:
+            y = self._matmul_nbits(self.op1("Concat", [x, x], axis=-1), split_int8(blocks), name, bias)
+        if blocks.offset is None:
             return y
-        blocks = k // GGUF_BLOCK
-        correction = np.concatenate([c if c is not None else np.zeros((q.n, blocks), np.float32)
-                                     for q, c in converted], axis=0)
-        # Q4_1's per-block offsets: the sum of x over each block of 32 (one matmul with a 0/1 block indicator),
-        # times the block's constant.
-        sums = self.op1("MatMul", [x, self.block_indicator(k)])
-        offsets = self.op1("MatMul", [sums, self.const(f"{name}.offsets_t", np.ascontiguousarray(correction.T))])
+        # Per-block offsets (Q4_1's minimum): the sum of x over each block of 32 (one matmul with a 0/1 block
+        # indicator), times the block's constant.
+        sums = self.op1("MatMul", [x, self.block_indicator(blocks.k)])
+        offsets = self.op1("MatMul", [sums, self.const(f"{name}.offsets_t", np.ascontiguousarray(blocks.offset.T))])
         return self.op1("Add", [y, offsets])
 
-    def linear(self, x: str, weight: np.ndarray, name: str, bias: np.ndarray | None = None) -> str:
-        """x @ weight^T (+ bias), with weight (N x K) stored as the quantization asks."""
-        n, k = weight.shape
-        if self.quant in ("int8", "int4"):
-            bits = 8 if self.quant == "int8" else 4
-            # int8: symmetric blocks; int4: asymmetric (zero points) to lose less of a 4-bit source.
-            q = quantize(weight, bits, BLOCK_SIZE, symmetric=bits == 8)
-            inputs = [x, self.const(f"{name}.qweight", q.packed), self.const(f"{name}.scales", q.scales)]
-            inputs.append(self.const(f"{name}.zero_points", q.zero_points) if q.zero_points is not None else "")
-            if bias is not None:
-                inputs += ["", self.const(f"{name}.bias", bias.astype(np.float32))]  # g_idx unused
-            while inputs and inputs[-1] == "":
-                inputs.pop()
-            return self.op1("MatMulNBits", inputs, domain="com.microsoft", K=k, N=n, bits=bits,
-                            block_size=BLOCK_SIZE, accuracy_level=self.level_for(name))
+    def _matmul_nbits(self, x: str, q: Quantized, name: str, bias: np.ndarray | None) -> str:
+        inputs = [x, self.const(f"{name}.qweight", q.packed), self.const(f"{name}.scales", q.scales),
+                  self.const(f"{name}.zero_points", q.zero_points) if q.zero_points is not None else ""]
+        if bias is not None:
+            inputs += ["", self.const(f"{name}.bias", bias.astype(np.float32))]  # g_idx unused
+        while inputs[-1] == "":
+            inputs.pop()
+        return self.op1("MatMulNBits", inputs, domain="com.microsoft", K=q.k, N=q.n, bits=q.bits,
+                        block_size=q.block_size, accuracy_level=self.level_for(name))
+
+    def _float(self, x: str, weight: np.ndarray, name: str, bias: np.ndarray | None) -> str:
+        """x @ weight^T (+ bias) with float weights: float16 storage (fp16) or float32."""
         if self.quant == "fp16":
             stored = self.const(f"{name}.weight_t", weight.T.astype(np.float16))
             w = self.op1("Cast", [stored], to=TensorProto.FLOAT)  # folded to fp32 when the session loads
@@ -139,6 +143,14 @@ class _Graph:
         if bias is not None:
             y = self.op1("Add", [y, self.const(f"{name}.bias", bias.astype(np.float32))])
         return y
+
+
+def _stack(parts: list[IntBlocks]) -> IntBlocks:
+    """Blocks of several tensors with the same K, stacked along N (one packed projection)."""
+    offset = None
+    if any(p.offset is not None for p in parts):
+        offset = np.concatenate([p.offset if p.offset is not None else np.zeros_like(p.scale) for p in parts])
+    return IntBlocks(np.concatenate([p.q for p in parts]), np.concatenate([p.scale for p in parts]), offset)
 
 
 def rotary_cache(shape: LlamaShape, max_positions: int) -> tuple[np.ndarray, np.ndarray]:
