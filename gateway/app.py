@@ -79,6 +79,8 @@ def create_app(config: FrugalConfig, *, backends: dict[str, Backend] | None = No
     if config.auth.required and not len(keys):
         log.warning("auth is required but no key is usable: every request will get 401 "
                     "(set the environment variables named by auth.keys[].key_env)")
+    metrics.watch_local_engines({name: backend.stats for name, backend in built.items()
+                                 if callable(getattr(backend, "stats", None))})
     recorder = Recorder(ledger, metrics, config.ledger.store_content)
     endpoint = CompletionsEndpoint(
         keys=keys,

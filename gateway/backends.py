@@ -27,6 +27,7 @@ def build_local_backend(model: ModelConfig) -> Backend:
 
     from workers.local.backend import LocalBackend  # noqa: PLC0415
     from workers.local.catalog import DEFAULT_QUANT, resolve  # noqa: PLC0415
+    from workers.local.engine import EngineConfig  # noqa: PLC0415
 
     name = model.backend.removeprefix("local/")
     if model.model_dir:
@@ -34,7 +35,13 @@ def build_local_backend(model: ModelConfig) -> Backend:
     else:
         folder = resolve(name, model.quant or DEFAULT_QUANT, compute=model.compute,
                          progress=lambda step: log.info("building local model %s: %s", name, step))
-    return LocalBackend(model.name, folder, price=model.price, threads=model.threads)
+    serving = model.serving
+    engine = EngineConfig(max_batch=serving.max_batch, max_queue=serving.max_queue,
+                          prefill_chunk=serving.prefill_chunk, max_context=serving.max_context,
+                          prefix_cache_bytes=int(serving.prefix_cache_mib * 1024 * 1024),
+                          prefix_block_tokens=serving.prefix_block_tokens)
+    return LocalBackend(model.name, folder, price=model.price, threads=model.threads, engine=engine,
+                        isolate_tenants=serving.isolate_tenants)
 
 
 def build_backend(model: ModelConfig) -> Backend:

@@ -45,6 +45,9 @@ def error_for(failure: RouteFailed | RouteUnavailable | BackendError) -> APIErro
     if kind == FailureKind.TIMEOUT:
         return APIError(504, f"The model provider did not answer in time: {message}", type="api_error",
                         code="upstream_timeout")
+    if kind == FailureKind.OVERLOADED:
+        return APIError(503, f"The model is overloaded: {message}", type="server_error", code="model_overloaded",
+                        retry_after_s=retry_after or 1.0)
     if kind == FailureKind.RATE_LIMITED:
         return APIError(429, f"The model provider is rate limiting: {message}", type="rate_limit_error",
                         code="upstream_rate_limited", retry_after_s=retry_after or 1.0)
@@ -100,6 +103,7 @@ class CompletionsEndpoint:
             record.route_label = parsed.model
             record.trace = DecisionTrace(route=parsed.model)
             parsed.generation.timeout_s = self.default_timeout_s
+            parsed.generation.tenant = client.key_id
             if parsed.stream:
                 opened = await self.router.open_stream(models, parsed.generation, record.trace)
                 record.ttft_s = time.perf_counter() - record.started

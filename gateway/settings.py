@@ -28,6 +28,24 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class LocalServingConfig(_Strict):
+    """How a local model serves concurrent requests (docs/local-serving.md)."""
+
+    #: Sequences decoded together in one batch.
+    max_batch: int = Field(default=8, ge=1, le=256)
+    #: Requests allowed to wait for a place in the batch; more get 503 with Retry-After (a route moves on).
+    max_queue: int = Field(default=64, ge=0)
+    #: Prompt tokens computed between two decode steps of the running sequences.
+    prefill_chunk: int = Field(default=256, ge=2)
+    #: Longest prompt + answer a request may use (at most the model's own context).
+    max_context: int = Field(default=4096, ge=16)
+    #: Memory for the cross-request prefix cache, in MiB (0 turns it off).
+    prefix_cache_mib: float = Field(default=256, ge=0)
+    prefix_block_tokens: int = Field(default=32, ge=1, le=1024)
+    #: Salt the prefix cache with the caller's key id, so that tenants never share keys and values.
+    isolate_tenants: bool = False
+
+
 class ModelConfig(_Strict):
     """A concrete model that clients can name, and how to reach it."""
 
@@ -52,6 +70,7 @@ class ModelConfig(_Strict):
     compute: Literal["fp32", "int8"] | None = None
     threads: int | None = Field(default=None, gt=0)
     model_dir: str | None = None
+    serving: LocalServingConfig = Field(default_factory=LocalServingConfig)
 
     @property
     def is_local(self) -> bool:

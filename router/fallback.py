@@ -16,7 +16,7 @@ from typing import TypeVar
 from router.cooldown import Cooldown
 from router.trace import Attempt, DecisionTrace
 from workers.backend import Backend, GenerationRequest, GenerationResult, StreamChunk
-from workers.errors import CLIENT_FAULT, BackendError, FailureKind
+from workers.errors import CLIENT_FAULT, NOT_UNHEALTHY, BackendError, FailureKind
 
 T = TypeVar("T")
 
@@ -127,7 +127,7 @@ class FallbackRouter:
     def _failed(self, model: str, error: BackendError, started: float, trace: DecisionTrace) -> None:
         trace.attempts.append(Attempt(model, error.kind.value, time.perf_counter() - started,
                                       status=error.status, message=error.message[:300]))
-        if error.kind not in CLIENT_FAULT:
+        if error.kind not in NOT_UNHEALTHY:
             self.cooldown.failed(model)
 
     async def _run(self, models: list[str], trace: DecisionTrace,

@@ -44,6 +44,8 @@ class GenerationRequest:
     params: dict[str, Any] = field(default_factory=dict)
     #: Seconds to wait for the whole answer (non-streaming) or for each chunk (streaming).
     timeout_s: float = 60.0
+    #: Who is asking (the gateway's key id), for backends that keep per-tenant state such as cached prefixes.
+    tenant: str | None = None
 
 
 @dataclass(slots=True)

@@ -14,6 +14,8 @@ class FailureKind(StrEnum):
     AUTH = "auth_error"
     NOT_FOUND = "not_found"
     CONTEXT_WINDOW = "context_window_exceeded"
+    #: The model is healthy but busy (a full queue): try another model, or this one after Retry-After.
+    OVERLOADED = "overloaded"
     UNKNOWN = "unknown"
 
 
@@ -23,6 +25,8 @@ RETRYABLE = frozenset(
 )
 #: Failures that say the request itself is wrong: another model would reject it too.
 CLIENT_FAULT = frozenset({FailureKind.BAD_REQUEST})
+#: Failures that say nothing against the model's health: they never count towards a cooldown.
+NOT_UNHEALTHY = CLIENT_FAULT | {FailureKind.OVERLOADED}
 
 
 class BackendError(Exception):

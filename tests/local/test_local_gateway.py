@@ -7,11 +7,12 @@ import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 import openai
 import pytest
 
-from tests.harness import BIN, Gateway
+from tests.harness import BIN, Gateway, Service, model_entry, wait_until
 
 # Model builds happen in fixtures, which count towards the first test's timeout.
 pytestmark = pytest.mark.timeout(900)
@@ -118,3 +119,50 @@ def test_generate_command(built: Callable[..., Path], models_root: Path) -> None
     result = json.loads(done.stdout)
     assert "Paris" in result["text"] and result["finish_reason"] == "stop"
     assert result["usage"]["completion_tokens"] > 3 and result["decode_tokens_per_s"] > 0
+
+
+def metric(gateway: Gateway, name: str, model: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(gateway.url + "/metrics", timeout=30).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels.get("model") == model:
+                return sample.value
+    raise AssertionError(f"{name}{{model={model!r}}} is not exported")
+
+
+def test_a_busy_local_model_answers_503_with_retry_after_or_overflows_along_a_route(
+        built: Callable[..., Path], make_gateway: Callable[..., Gateway], standin_server: Service) -> None:
+    """One slot and no queue: while a stream holds the slot, the model itself refuses at once (503 with
+    Retry-After, recorded in the ledger), a route moves on to its next model, and the gauges show it."""
+    gateway = make_gateway({
+        "models": [{"name": "local/busy", "backend": "local/smollm2-135m-instruct", "model_dir": str(built("int8")),
+                    "threads": 2, "max_retries": 0, "serving": {"max_batch": 1, "max_queue": 0}},
+                   model_entry("remote", "alpha", standin_server.url)],
+        "routes": [{"name": "overflow", "models": ["local/busy", "remote"]}],
+    })
+    body = {"model": "local/busy", "stream": True, "max_tokens": 400, "temperature": 0,
+            "messages": [{"role": "user", "content": "Write a very long story about a lighthouse keeper."}]}
+    with httpx.stream("POST", gateway.url + "/v1/chat/completions", json=body, headers=gateway.headers(),
+                      timeout=120) as holding:
+        lines = holding.iter_lines()
+        assert next(line for line in lines if line.startswith("data: ") and '"content"' in line)
+        refused = gateway.post("/v1/chat/completions", {"model": "local/busy", "max_tokens": 4,
+                                                        "messages": [{"role": "user", "content": "Hi"}]})
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["error"]["code"] == "model_overloaded"
+        assert int(refused.headers["retry-after"]) >= 1
+        routed = gateway.post("/v1/chat/completions", {"model": "overflow", "max_tokens": 8, "messages": [
+            {"role": "user", "content": "What is the capital of France?"}]})
+        assert routed.status_code == 200 and routed.headers["x-frugal-model"] == "remote"
+        assert routed.headers["x-frugal-models-tried"] == "local/busy,remote"
+        assert metric(gateway, "frugal_local_batch_size", "local/busy") == 1
+        assert metric(gateway, "frugal_local_queue_depth", "local/busy") == 0
+        assert metric(gateway, "frugal_local_rejected_total", "local/busy") == 2
+    assert gateway.ledger_row(refused.headers["x-request-id"])["status"] == 503
+    # The local model was never put in cooldown for being busy: it answers once the slot is free.
+    answered = wait_until(lambda: (r := gateway.post("/v1/chat/completions", {
+        "model": "local/busy", "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]})).status_code == 200
+        and r, 60, "the slot to be freed")
+    assert answered.headers["x-frugal-model"] == "local/busy"

@@ -1,16 +1,16 @@
 """The local tier as a `Backend`: `model: local/smollm2-135m-instruct` answers through the same
-protocol as any remote provider. Generation runs in a thread of its own (ONNX Runtime releases the GIL),
-so the event loop keeps serving other requests; a stream's consumer going away cancels generation."""
+protocol as any remote provider. Requests are submitted to the model's engine (`workers.local.engine`),
+which decodes concurrent requests together in its own thread; the event loop only receives their steps.
+A caller that goes away (a client that disconnects) cancels its sequences and frees their slots; a full
+queue is refused at once (`FailureKind.OVERLOADED`, with a Retry-After) rather than left to grow."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,9 @@ from workers.backend import (
     Usage,
 )
 from workers.errors import BackendError, FailureKind
-from workers.local.generate import Generation, LocalGenerator, Step
+from workers.local.decoding import Generation, Step
+from workers.local.engine import EngineConfig, Overloaded, Sequence
+from workers.local.generate import LocalGenerator
 from workers.local.sampling import SamplingParams
 from workers.pricing import TokenPrice
 
@@ -37,11 +39,13 @@ class LocalBackend:
     """`Backend` over a `LocalGenerator`."""
 
     def __init__(self, name: str, model_dir: Path, *, price: TokenPrice | None = None, threads: int | None = None,
-                 provider: str = "auto") -> None:
+                 provider: str = "auto", engine: EngineConfig | None = None, isolate_tenants: bool = False) -> None:
         self.name = name
         self.price = price or TokenPrice()
-        self.generator = LocalGenerator(model_dir, threads=threads, provider=provider)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"local-{name}")
+        self.generator = LocalGenerator(model_dir, threads=threads, provider=provider, engine=engine)
+        self.engine = self.generator.engine
+        #: Tenants never share cached keys and values when set (the prefix cache is salted with the tenant).
+        self.isolate_tenants = isolate_tenants
         #: How generations ended (stop, length, cancelled), for metrics and tests.
         self.finished: Counter[str] = Counter()
 
@@ -56,9 +60,9 @@ class LocalBackend:
         else:
             text = request.prompt
         ids = self.generator.encode(text)
-        if len(ids) >= self.generator.session.info.context_length:
+        if len(ids) >= self.engine.capacity:
             raise BackendError(FailureKind.CONTEXT_WINDOW, f"{self.name}: the prompt has {len(ids)} tokens; "
-                               f"the context is {self.generator.session.info.context_length}")
+                               f"this model serves at most {self.engine.capacity} (prompt and answer)")
         return ids
 
     def _params(self, request: GenerationRequest) -> tuple[SamplingParams, int, list[str], bool]:
@@ -84,13 +88,40 @@ class LocalBackend:
         stop = p.get("stop") or []
         return params, max_tokens, [stop] if isinstance(stop, str) else list(stop), want_logprobs
 
-    def _steps(self, request: GenerationRequest, index: int, state: Generation,
-               cancel: threading.Event) -> Iterator[Step]:
+    def _sequences(self, request: GenerationRequest, on_step: Any, on_done: Any) -> list[tuple[Sequence, Generation]]:
+        """One engine sequence per choice (`n`); `on_step(index, step)`, `on_done(index, error)`."""
+        prompt = self._prompt_ids(request)
         params, max_tokens, stop, want_logprobs = self._params(request)
-        if params.seed is not None and index:
-            params = dataclasses.replace(params, seed=params.seed + index)  # n > 1: a different draw per choice
-        return self.generator.stream(self._prompt_ids(request), params, max_tokens, stop, state, cancel,
-                                     want_logprobs)
+        salt = request.tenant if self.isolate_tenants else None
+        made = []
+        for index in range(int(request.params.get("n", 1))):
+            choice_params = params
+            if params.seed is not None and index:
+                choice_params = dataclasses.replace(params, seed=params.seed + index)  # a different draw per choice
+            state = Generation()
+
+            def done(error: BaseException | None, index: int = index, state: Generation = state) -> None:
+                self.finished[state.finish_reason or "error"] += 1
+                on_done(index, error)
+
+            sequence = self.generator.sequence(prompt, choice_params, max_tokens, stop, state,
+                                               lambda step, i=index: on_step(i, step), done, want_logprobs, salt)
+            made.append((sequence, state))
+        return made
+
+    def _submit(self, sequences: list[tuple[Sequence, Generation]]) -> None:
+        try:
+            for sequence, _ in sequences:
+                self.engine.submit(sequence)
+        except Overloaded as exc:
+            for sequence, _ in sequences:
+                self.engine.cancel(sequence)
+            raise BackendError(FailureKind.OVERLOADED, f"{self.name}: {exc}", status=503,
+                               retry_after_s=exc.retry_after_s) from exc
+        except ValueError as exc:
+            for sequence, _ in sequences:
+                self.engine.cancel(sequence)
+            raise BackendError(FailureKind.CONTEXT_WINDOW, f"{self.name}: {exc}") from exc
 
     @staticmethod
     def _logprobs(steps: list[Step]) -> list[TokenLogprob]:
@@ -100,76 +131,85 @@ class LocalBackend:
     # -- the protocol ------------------------------------------------------------------------------------
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         started = time.perf_counter()
-        choices: list[Choice] = []
-        usage = Usage()
-        cancel = threading.Event()
         loop = asyncio.get_running_loop()
+        steps: dict[int, list[Step]] = {}
+        waiting: dict[int, asyncio.Future[None]] = {}
+
+        def on_step(index: int, step: Step) -> None:
+            loop.call_soon_threadsafe(steps.setdefault(index, []).append, step)
+
+        def on_done(index: int, error: BaseException | None) -> None:
+            loop.call_soon_threadsafe(_settle, waiting[index], error)
+
+        sequences = self._sequences(request, on_step, on_done)
+        waiting.update({i: loop.create_future() for i in range(len(sequences))})
+        self._submit(sequences)
         try:
-            for index in range(int(request.params.get("n", 1))):
-                state = Generation()
-
-                def run(index: int = index, state: Generation = state) -> list[Step]:
-                    return list(self._steps(request, index, state, cancel))
-
-                steps = await loop.run_in_executor(self._executor, run)
-                self.finished[state.finish_reason or "unknown"] += 1
-                want = bool(request.params.get("logprobs"))
-                choices.append(Choice(index, state.text, state.finish_reason, self._logprobs(steps) if want else None))
-                usage.prompt_tokens = state.prompt_tokens
-                usage.completion_tokens += state.completion_tokens
+            await asyncio.gather(*waiting.values())
         except asyncio.CancelledError:
-            cancel.set()
+            for sequence, _ in sequences:
+                self.engine.cancel(sequence)
             raise
-        except ValueError as exc:
-            raise BackendError(FailureKind.BAD_REQUEST, f"{self.name}: {exc}") from exc
+        except Exception as exc:
+            raise BackendError(FailureKind.SERVER, f"{self.name}: the local engine failed: {exc}") from exc
+        want = bool(request.params.get("logprobs"))
+        choices, usage = [], Usage()
+        for index, (_, state) in enumerate(sequences):
+            choices.append(Choice(index, state.text, state.finish_reason,
+                                  self._logprobs(steps.get(index, [])) if want else None))
+            usage.prompt_tokens = state.prompt_tokens
+            usage.completion_tokens += state.completion_tokens
         return GenerationResult(self.name, choices, usage, time.perf_counter() - started,
                                 self.price.cost(usage.prompt_tokens, usage.completion_tokens))
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamChunk]:
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        cancel = threading.Event()
-        n = int(request.params.get("n", 1))
+        events: asyncio.Queue[Any] = asyncio.Queue()
         want = bool(request.params.get("logprobs"))
+        sequences = self._sequences(
+            request, lambda i, step: loop.call_soon_threadsafe(events.put_nowait, (i, step)),
+            lambda i, error: loop.call_soon_threadsafe(events.put_nowait, (i, error or _DONE)))
+        self._submit(sequences)
         usage = Usage()
-
-        def produce() -> None:
-            try:
-                for index in range(n):
-                    state = Generation()
-                    for step in self._steps(request, index, state, cancel):
-                        loop.call_soon_threadsafe(queue.put_nowait, (index, step))
-                    self.finished[state.finish_reason or "unknown"] += 1
-                    if state.finish_reason == "cancelled":
-                        break
-                    loop.call_soon_threadsafe(queue.put_nowait, (index, state))
-            except BaseException as exc:  # delivered to the consumer, which raises it
-                loop.call_soon_threadsafe(queue.put_nowait, exc)
-            loop.call_soon_threadsafe(queue.put_nowait, _DONE)
-
-        future = loop.run_in_executor(self._executor, produce)
+        open_choices = len(sequences)
         try:
-            while True:
-                item = await queue.get()
-                if item is _DONE:
-                    break
+            while open_choices:
+                index, item = await events.get()
                 if isinstance(item, BaseException):
-                    if isinstance(item, BackendError):
-                        raise item
-                    raise BackendError(FailureKind.BAD_REQUEST, f"{self.name}: {item}") from item
-                index, payload = item
-                if isinstance(payload, Generation):
-                    usage.prompt_tokens = payload.prompt_tokens
-                    usage.completion_tokens += payload.completion_tokens
-                    yield StreamChunk(index=index, finish_reason=payload.finish_reason)
-                elif payload.text or (want and payload.token_id >= 0):
-                    yield StreamChunk(index=index, text=payload.text,
-                                      logprobs=self._logprobs([payload]) if want else None)
+                    raise BackendError(FailureKind.SERVER, f"{self.name}: the local engine failed: {item}") from item
+                if item is _DONE:
+                    open_choices -= 1
+                    state = sequences[index][1]
+                    usage.prompt_tokens = state.prompt_tokens
+                    usage.completion_tokens += state.completion_tokens
+                    yield StreamChunk(index=index, finish_reason=state.finish_reason)
+                elif item.text or (want and item.token_id >= 0):
+                    yield StreamChunk(index=index, text=item.text, logprobs=self._logprobs([item]) if want else None)
         finally:
-            cancel.set()  # the consumer left (or finished): stop generating, free the cache
-            if not future.done():
-                await asyncio.shield(future)  # the producer stops within one token
+            for sequence, _ in sequences:  # the consumer left (or finished): stop generating, free the slots
+                if not sequence.done:
+                    self.engine.cancel(sequence)
         yield StreamChunk(usage=usage, cost_usd=self.price.cost(usage.prompt_tokens, usage.completion_tokens))
 
+    def stats(self) -> dict[str, float]:
+        """The engine's and prefix cache's state and counters, for metrics."""
+        engine = self.engine
+        values: dict[str, float] = {"queue_depth": engine.waiting, "batch_size": engine.running, **engine.stats}
+        cache = engine.cache
+        if cache is not None:
+            values.update({"prefix_cache_bytes": cache.bytes_held, "prefix_cache_blocks": cache.blocks,
+                           "prefix_cache_evictions": cache.evictions, "prefix_cache_lookups": cache.lookups,
+                           "prefix_cache_hit_lookups": cache.hit_lookups})
+        return values
+
     async def aclose(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        await asyncio.to_thread(self.generator.close)
+
+
+def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)

@@ -33,13 +33,13 @@ class ExactHead:
         self.block = self.q8.shape[1] // self.scales.shape[1]
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
-        q = self.q8[ids].astype(np.float32).reshape(len(ids), -1, self.block)
-        return (q * self.scales[ids][..., None]).reshape(len(ids), -1)
+        """Exact float32 weights of the output rows `ids` (any shape): [*ids.shape, d_model]."""
+        q = self.q8[ids].astype(np.float32).reshape(*ids.shape, -1, self.block)
+        return (q * self.scales[ids][..., None]).reshape(*ids.shape, -1)
 
-    def rescore(self, logits: np.ndarray, hidden: np.ndarray, candidates: int = CANDIDATES) -> np.ndarray:
-        """`logits` [vocab] with its top `candidates` replaced by exact float32 values."""
-        top = np.argpartition(-logits, candidates)[:candidates]
-        exact = self.rows(top) @ hidden.astype(np.float32)
-        fixed = logits.copy()
-        fixed[top] = exact
-        return fixed
+    def rescore_rows(self, logits: np.ndarray, hidden: np.ndarray, candidates: int = CANDIDATES) -> None:
+        """Each row of `logits` [n, vocab] with its top `candidates` replaced, in place, by exact float32
+        values computed from that row's final hidden state `hidden` [n, d_model]."""
+        top = np.argpartition(-logits, candidates, axis=-1)[:, :candidates]
+        exact = np.einsum("ncd,nd->nc", self.rows(top), hidden.astype(np.float32))
+        np.put_along_axis(logits, top, exact, axis=-1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,32 +89,43 @@ class DecoderSession:
     def new_cache(self, capacity: int | None = None) -> KVCache:
         return KVCache(self.info, min(capacity or self.info.context_length, self.info.context_length))
 
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, kv: Mapping[tuple[int, str], Any],
+            logits_to_keep: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """One pass over a batch: `input_ids` [batch, seq], `attention_mask` [batch, past + seq] (row b has ones
+        for its own past and new tokens, zeros after), `kv` the OrtValues of the cache ([batch, kv_heads,
+        capacity, head_dim] per layer and kind), written in place. Returns logits [batch, kept, vocab] and the
+        final hidden states [batch, kept, d_model]."""
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
+        binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
+        binding.bind_cpu_input("logits_to_keep", np.array([logits_to_keep], dtype=np.int64))
+        binding.bind_output("logits")  # first: get_outputs() keeps binding order
+        binding.bind_output("hidden")
+        for (layer, kind), value in kv.items():
+            binding.bind_ortvalue_input(f"past_key_values.{layer}.{kind}", value)
+            binding.bind_ortvalue_output(f"present.{layer}.{kind}", value)
+        self.session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()  # logits, hidden, then the (in-place) presents
+        return outputs[0].numpy(), outputs[1].numpy()
+
+    def rescore(self, logits: np.ndarray, hidden: np.ndarray) -> np.ndarray:
+        """`logits` [n, vocab] with each row's best candidates re-scored exactly (`workers.local.head`), in
+        place; unchanged for models without an exact head (float builds)."""
+        if self.head is not None:
+            self.head.rescore_rows(logits, hidden)
+        return logits
+
     def forward(self, ids: np.ndarray | list[int], cache: KVCache, logits_to_keep: int = 1,
                 exact: bool = True) -> np.ndarray:
         """Logits [len(ids) or logits_to_keep, vocab] for `ids` following what `cache` holds; each position's
-        best candidates re-scored exactly (`workers.local.head`) unless `exact` is False."""
+        best candidates re-scored exactly unless `exact` is False."""
         tokens = np.asarray(ids, dtype=np.int64).reshape(1, -1)
         total = cache.length + tokens.shape[1]
         if total > cache.capacity:
             raise ValueError(f"sequence of {total} tokens exceeds the cache capacity {cache.capacity}")
-        binding = self.session.io_binding()
-        binding.bind_cpu_input("input_ids", tokens)
-        binding.bind_cpu_input("attention_mask", np.ones((1, total), dtype=np.int64))
-        binding.bind_cpu_input("logits_to_keep", np.array([logits_to_keep], dtype=np.int64))
-        binding.bind_output("logits")  # first: get_outputs() keeps binding order
-        binding.bind_output("hidden")
-        for (layer, kind), value in cache.values.items():
-            binding.bind_ortvalue_input(f"past_key_values.{layer}.{kind}", value)
-            binding.bind_ortvalue_output(f"present.{layer}.{kind}", value)
-        self.session.run_with_iobinding(binding)
+        logits, hidden = self.run(tokens, np.ones((1, total), dtype=np.int64), cache.values, logits_to_keep)
         cache.length = total
-        outputs = binding.get_outputs()
-        logits = outputs[0].numpy()[0]
-        if self.head is not None and exact:
-            hidden = outputs[1].numpy()[0]
-            for position in range(logits.shape[0]):
-                logits[position] = self.head.rescore(logits[position], hidden[position])
-        return logits
+        return self.rescore(logits[0], hidden[0]) if exact else logits[0]
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.info.name, "quant": self.info.quant, "providers": self.session.get_providers()}
