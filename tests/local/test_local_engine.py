@@ -89,6 +89,14 @@ def test_quantized_graph_agrees_with_the_reference(built: Callable[..., Path], s
     if compute is None:
         raw = all_logits(built(quant, compute), ids, exact=False)
         assert np.abs(raw - expected).max() < 1.0  # exact weights: only the int8 output layer differs
+        # The decode graph (two-pass int8 activations), teacher-forced over the same positions in one pass.
+        session = DecoderSession(built(quant, compute), threads=2)
+        assert session.decode_session is not None
+        logits, hidden = session.run(np.array([ids]), np.ones((1, len(ids)), np.int64),
+                                     session.new_cache(len(ids)).values, 0, graph="decode")
+        assert np.abs(logits[0] - raw).max() > 0  # another computation, not the main graph again
+        decoded = session.rescore(logits[0], hidden[0])
+        assert float((decoded.argmax(-1) == expected.argmax(-1)).mean()) >= floor
 
 
 def greedy_ids(session: DecoderSession, prompt: list[int], steps: int, use_cache: bool) -> list[int]:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 #: Bumped when the builder's output changes; folders built by another version are rebuilt.
-BUILDER_VERSION = 2
+BUILDER_VERSION = 3
 MODEL_FILE = "frugal_model.json"
 #: Weight-only 8-bit: exact for GGUF Q4_0/Q4_1/Q8_0 sources, near-exact for float ones (docs/local.md).
 DEFAULT_QUANT = "int8"
@@ -144,7 +144,7 @@ def _build_decoder(name: str, source: Path, quant: str, compute: str | None, out
     out.mkdir(parents=True, exist_ok=True)
     save_tokenizer(tokenizer.tokenizer, out, tokenizer.info, tokenizer.chat_template)
     build_llama_graph(model, quant, out / "model.onnx", progress=say, accuracy_level=COMPUTE_LEVELS[compute],
-                      head_accuracy_level=COMPUTE_LEVELS["int8"])
+                      head_accuracy_level=COMPUTE_LEVELS["int8"], decode_graph=compute == "fp32")
     if quant in ("int8", "int4"):
         say("exact output head")
         head = "token_embd.weight" if model.shape.tied_output else "output.weight"

@@ -85,6 +85,9 @@ class EngineConfig:
     #: many-row kernels: a request's tokens are then bit-identical whatever else runs beside it. Costs
     #: single-stream decode speed (~1.5x slower, measured); off by default, as in vLLM.
     batch_invariant: bool = False
+    #: Decode steps of at most this many sequences run the decode graph (two-pass int8 activations, where the
+    #: build has one): faster for few rows, slower than float activations for more (docs/local-serving.md).
+    decode_graph_max_batch: int = 4
 
 
 class Engine:
@@ -262,8 +265,9 @@ class Engine:
             ids.append(0)
         batch = np.array(lengths)
         mask = (np.arange(batch.max() + 1)[None, :] <= batch[:, None]).astype(np.int64)
+        few = len(ids) <= self.config.decode_graph_max_batch and not self.config.batch_invariant
         logits, hidden = self.session.run(np.array(ids, dtype=np.int64).reshape(-1, 1), mask,
-                                          self.pool.batch(len(ids)), 1)
+                                          self.pool.batch(len(ids)), 1, "decode" if few else "main")
         rows = self.session.rescore(logits[:len(running), -1], hidden[:len(running), -1])
         self.stats["decode_steps"] += 1
         self.stats["decode_rows"] += len(running)

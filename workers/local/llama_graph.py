@@ -30,6 +30,7 @@ from workers.local.quantize import (
     split_int8,
     symmetric_blocks,
 )
+from workers.local.runtime import DECODE_GRAPH
 
 Quant = Literal["fp32", "fp16", "int8", "int4"]
 QUANTS: tuple[str, ...] = ("int4", "int8", "fp16", "fp32")
@@ -47,10 +48,13 @@ OPSET = 21
 class _Graph:
     """Accumulates nodes and initializers with unique names."""
 
-    def __init__(self, quant: Quant, accuracy_level: int = ACCURACY_LEVEL, head_accuracy_level: int = ACCURACY_LEVEL):
+    def __init__(self, quant: Quant, accuracy_level: int = ACCURACY_LEVEL, head_accuracy_level: int = ACCURACY_LEVEL,
+                 two_pass: bool = False):
         self.quant = quant
         self.accuracy_level = accuracy_level
         self.head_accuracy_level = head_accuracy_level
+        #: Quantized layer projections take their activations in two int8 passes (`_two_pass`).
+        self.two_pass = two_pass
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self._shared: dict[str, str] = {}
@@ -123,6 +127,34 @@ class _Graph:
         return self.op1("Add", [y, offsets])
 
     def _matmul_nbits(self, x: str, q: Quantized, name: str, bias: np.ndarray | None) -> str:
+        if self.two_pass and name != "lm_head":
+            return self._two_pass(x, q, name, bias)
+        return self._nbits_node(x, q, name, bias, self.level_for(name))
+
+    def _two_pass(self, x: str, q: Quantized, name: str, bias: np.ndarray | None) -> str:
+        """x @ W^T with int8 dot products that lose almost nothing: x = hi + lo, where hi is x on the int8 grid
+        onnxruntime itself uses (per block of 32, scale = absmax / 127), so its int8 quantization of hi is
+        lossless, and lo = x - hi is small; both run as one MatMulNBits call of twice the rows (accuracy
+        level 4), whose two halves are summed. The rounding left is that of lo's own quantization, ~1/127²
+        of each block's range. A decode step of one or two sequences is ~35% faster than with float
+        activations (measured); prefill and larger batches are faster with float activations."""
+        if "two_pass_shape" not in self._shared:
+            self._shared["two_pass_shape"] = self.const("two_pass_shape", np.array([0, 0, -1, GGUF_BLOCK], np.int64))
+            self.const("two_pass_axis", np.array([-1], np.int64))
+            self.const("two_pass_floor", np.array(1e-30, np.float32))
+            self.const("two_pass_inverse_127", np.array(1 / 127, np.float32))
+        blocks = self.op1("Reshape", [x, "two_pass_shape"])
+        absmax = self.op1("ReduceMax", [self.op1("Abs", [blocks]), "two_pass_axis"], keepdims=0)
+        scale = self.op1("Mul", [self.op1("Clip", [absmax, "two_pass_floor"]), "two_pass_inverse_127"])
+        grid = self.op1("QuantizeLinear", [x, scale], axis=-1, block_size=GGUF_BLOCK, output_dtype=TensorProto.INT8)
+        hi = self.op1("DequantizeLinear", [grid, scale], axis=-1, block_size=GGUF_BLOCK)
+        both = self.op1("Concat", [hi, self.op1("Sub", [x, hi])], axis=0)
+        halves = self.op("Split", [self._nbits_node(both, q, name, None, COMPUTE_LEVELS["int8"])], n_out=2, axis=0,
+                         num_outputs=2)
+        y = self.op1("Add", halves)
+        return y if bias is None else self.op1("Add", [y, self.const(f"{name}.bias", bias.astype(np.float32))])
+
+    def _nbits_node(self, x: str, q: Quantized, name: str, bias: np.ndarray | None, level: int) -> str:
         inputs = [x, self.const(f"{name}.qweight", q.packed), self.const(f"{name}.scales", q.scales),
                   self.const(f"{name}.zero_points", q.zero_points) if q.zero_points is not None else ""]
         if bias is not None:
@@ -130,7 +162,7 @@ class _Graph:
         while inputs[-1] == "":
             inputs.pop()
         return self.op1("MatMulNBits", inputs, domain="com.microsoft", K=q.k, N=q.n, bits=q.bits,
-                        block_size=q.block_size, accuracy_level=self.level_for(name))
+                        block_size=q.block_size, accuracy_level=level)
 
     def _float(self, x: str, weight: np.ndarray, name: str, bias: np.ndarray | None) -> str:
         """x @ weight^T (+ bias) with float weights: float16 storage (fp16) or float32."""
@@ -162,11 +194,35 @@ def rotary_cache(shape: LlamaShape, max_positions: int) -> tuple[np.ndarray, np.
 
 def build_llama_graph(model: GGUFModel, quant: Quant, out_path: Path,
                       progress: Callable[[str], None] | None = None, max_positions: int | None = None,
-                      accuracy_level: int = ACCURACY_LEVEL, head_accuracy_level: int = ACCURACY_LEVEL) -> Path:
-    """Write `out_path` (model.onnx with its weights in model.onnx.data beside it)."""
-    shape = model.shape
+                      accuracy_level: int = ACCURACY_LEVEL, head_accuracy_level: int = ACCURACY_LEVEL,
+                      decode_graph: bool = False) -> Path:
+    """Write `out_path` (model.onnx with its weights in model.onnx.data beside it) and, with `decode_graph`,
+    `model_decode.onnx` beside it: the same model with two-pass int8 activations (`_Graph._two_pass`), for
+    decode steps of few sequences, reading its weights from the same data file."""
     say = progress or (lambda _msg: None)
-    g = _Graph(quant, accuracy_level, head_accuracy_level)
+    proto = _llama_proto(model, _Graph(quant, accuracy_level, head_accuracy_level), say, max_positions)
+    say("writing")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    data = out_path.with_name(out_path.name + ".data")
+    if data.exists():
+        data.unlink()
+    onnx.save_model(proto, str(out_path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data.name, size_threshold=1024)
+    if decode_graph and quant in ("int8", "int4"):
+        say("decode graph")
+        decode = _llama_proto(model, _Graph(quant, accuracy_level, head_accuracy_level, two_pass=True),
+                              lambda _msg: None, max_positions)
+        stored = {t.name: t for t in onnx.load(str(out_path), load_external_data=False).graph.initializer}
+        for index, tensor in enumerate(decode.graph.initializer):  # the same weights: point at the same bytes
+            if tensor.name in stored and stored[tensor.name].data_location == TensorProto.EXTERNAL:
+                decode.graph.initializer[index].CopyFrom(stored[tensor.name])
+        onnx.save_model(decode, str(out_path.with_name(DECODE_GRAPH)))
+    return out_path
+
+
+def _llama_proto(model: GGUFModel, g: _Graph, say: Callable[[str], None],
+                 max_positions: int | None) -> onnx.ModelProto:
+    shape = model.shape
     positions = max_positions or min(shape.context_length, 8192)
     kv_dims = ["batch", shape.n_kv_heads, "past", shape.head_dim]
     inputs = [
@@ -249,11 +305,4 @@ def build_llama_graph(model: GGUFModel, quant: Quant, out_path: Path,
                                                     helper.make_opsetid("com.microsoft", 1)],
                               producer_name="frugal")
     proto.ir_version = 10
-    say("writing")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    data = out_path.with_name(out_path.name + ".data")
-    if data.exists():
-        data.unlink()
-    onnx.save_model(proto, str(out_path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data.name, size_threshold=1024)
-    return out_path
+    return proto

@@ -19,6 +19,8 @@ import numpy as np
 
 from workers.local.head import HEAD_FILE, ExactHead
 
+DECODE_GRAPH = "model_decode.onnx"
+
 log = logging.getLogger("frugal.local")
 
 
@@ -69,7 +71,11 @@ class KVCache:
 
 
 class DecoderSession:
-    """Runs the decoder graph: `forward(ids, cache)` appends `ids` to the cache and returns logits."""
+    """Runs the decoder graph: `forward(ids, cache)` appends `ids` to the cache and returns logits.
+
+    A quantized build has a second graph, `model_decode.onnx` (two-pass int8 activations, the same weights),
+    which is faster for decode steps of one or two sequences; `run` takes it when asked (`graph="decode"`).
+    """
 
     def __init__(self, model_dir: Path, *, threads: int | None = None, provider: str = "auto") -> None:
         import onnxruntime as ort  # noqa: PLC0415
@@ -82,20 +88,25 @@ class DecoderSession:
         options.inter_op_num_threads = 1
         self.providers = choose_providers(provider)
         self.session = ort.InferenceSession(str(self.model_dir / "model.onnx"), options, providers=self.providers)
+        decode = self.model_dir / DECODE_GRAPH
+        self.decode_session = ort.InferenceSession(str(decode), options, providers=self.providers) \
+            if decode.exists() else None
         self.head = ExactHead(self.model_dir) if (self.model_dir / HEAD_FILE).exists() else None
-        log.info("local model %s (%s) on %s, %d threads", self.info.name, self.info.quant,
-                 self.session.get_providers()[0], options.intra_op_num_threads)
+        log.info("local model %s (%s) on %s, %d threads%s", self.info.name, self.info.quant,
+                 self.session.get_providers()[0], options.intra_op_num_threads,
+                 ", with a decode graph" if self.decode_session else "")
 
     def new_cache(self, capacity: int | None = None) -> KVCache:
         return KVCache(self.info, min(capacity or self.info.context_length, self.info.context_length))
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, kv: Mapping[tuple[int, str], Any],
-            logits_to_keep: int = 1) -> tuple[np.ndarray, np.ndarray]:
+            logits_to_keep: int = 1, graph: str = "main") -> tuple[np.ndarray, np.ndarray]:
         """One pass over a batch: `input_ids` [batch, seq], `attention_mask` [batch, past + seq] (row b has ones
         for its own past and new tokens, zeros after), `kv` the OrtValues of the cache ([batch, kv_heads,
         capacity, head_dim] per layer and kind), written in place. Returns logits [batch, kept, vocab] and the
-        final hidden states [batch, kept, d_model]."""
-        binding = self.session.io_binding()
+        final hidden states [batch, kept, d_model]. `graph="decode"` runs the decode graph where there is one."""
+        session = self.decode_session if graph == "decode" and self.decode_session is not None else self.session
+        binding = session.io_binding()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
         binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
         binding.bind_cpu_input("logits_to_keep", np.array([logits_to_keep], dtype=np.int64))
@@ -104,7 +115,7 @@ class DecoderSession:
         for (layer, kind), value in kv.items():
             binding.bind_ortvalue_input(f"past_key_values.{layer}.{kind}", value)
             binding.bind_ortvalue_output(f"present.{layer}.{kind}", value)
-        self.session.run_with_iobinding(binding)
+        session.run_with_iobinding(binding)
         outputs = binding.get_outputs()  # logits, hidden, then the (in-place) presents
         return outputs[0].numpy(), outputs[1].numpy()
 
@@ -123,7 +134,8 @@ class DecoderSession:
         total = cache.length + tokens.shape[1]
         if total > cache.capacity:
             raise ValueError(f"sequence of {total} tokens exceeds the cache capacity {cache.capacity}")
-        logits, hidden = self.run(tokens, np.ones((1, total), dtype=np.int64), cache.values, logits_to_keep)
+        graph = "decode" if tokens.shape[1] == 1 else "main"  # as the engine runs a lone sequence
+        logits, hidden = self.run(tokens, np.ones((1, total), dtype=np.int64), cache.values, logits_to_keep, graph)
         cache.length = total
         return self.rescore(logits[0], hidden[0]) if exact else logits[0]
 
