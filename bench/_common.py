@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import platform
 import subprocess
@@ -62,3 +64,18 @@ def markdown_table(headers: list[str], rows: list[list[object]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def emit(args: argparse.Namespace, title: str, script: str, result: object, table: str, notes: str = "") -> None:
+    """Print the result (one JSON object with --json, else the table and notes) and, with --record, append
+    it to docs/BENCHMARKS.md with the command that reproduces it."""
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(table)
+        if notes:
+            print()
+            print(notes)
+    if args.record:
+        flags = " ".join(a for a in sys.argv[1:] if a != "--record")
+        record(title, f"python {script} {flags} --record".replace("  ", " "), table, notes)

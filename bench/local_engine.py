@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import markdown_table, record  # noqa: E402
+from bench._common import emit, markdown_table  # noqa: E402
 from workers.local.catalog import build, models_dir, smollm2_gguf  # noqa: E402
 
 #: (quant, compute, label): float32, the default (weight-only int8: for this Q4_1 GGUF the same graph as int4),
@@ -78,30 +78,30 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def child_ours(folder: str, threads: int, decode_tokens: int) -> dict:
+def child_ours(folder: str, threads: int, decode_tokens: int, fidelity: bool) -> dict:
+    """One timed prefill and decode per measure (after a warm-up): `main` repeats children in rounds."""
     from workers.local.runtime import DecoderSession
 
     session = DecoderSession(Path(folder), threads=threads)
     result: dict = {}
     long_prompt = prompt_ids(500)
     times = []
-    for _ in range(3):
+    for _ in range(2):  # the first run warms up
         cache = session.new_cache(600)
         started = time.perf_counter()
         session.forward(long_prompt, cache, 1)
         times.append(time.perf_counter() - started)
-    result["prefill_500_ms"] = statistics.median(times) * 1000
+    result["prefill_500_ms"] = times[-1] * 1000
     for label, context in (("short", 20), ("500", 500)):
-        rates = []
-        for _ in range(3):  # the median of three runs: this machine's run-to-run noise is ~10%
-            cache = session.new_cache(context + decode_tokens + 4)
-            token = int(np.argmax(session.forward(long_prompt[:context], cache, 1)[-1]))
-            started = time.perf_counter()
-            for _ in range(decode_tokens):
-                token = int(np.argmax(session.forward([token], cache, 1)[-1]))
-            rates.append(decode_tokens / (time.perf_counter() - started))
-        result[f"decode_{label}_tok_s"] = statistics.median(rates)
+        cache = session.new_cache(context + decode_tokens + 4)
+        token = int(np.argmax(session.forward(long_prompt[:context], cache, 1)[-1]))
+        started = time.perf_counter()
+        for _ in range(decode_tokens):  # one sequence: the decode graph where the build has one, as the engine
+            token = int(np.argmax(session.forward([token], cache, 1)[-1]))
+        result[f"decode_{label}_tok_s"] = decode_tokens / (time.perf_counter() - started)
     result["peak_rss_mb"] = peak_rss_mb()
+    if not fidelity:
+        return result
     # Fidelity, after the memory peak is read: argmax per position, and greedy answers.
     ids = fidelity_ids()
     result["argmax"] = session.forward(ids, session.new_cache(len(ids) + 1), 0).argmax(-1).tolist()
@@ -120,33 +120,32 @@ def child_ours(folder: str, threads: int, decode_tokens: int) -> dict:
     return result
 
 
-def child_llamacpp(threads: int, decode_tokens: int) -> dict:
+def child_llamacpp(threads: int, decode_tokens: int, fidelity: bool) -> dict:
     import llama_cpp
 
     llm = llama_cpp.Llama(model_path=str(smollm2_gguf()), n_ctx=1024, n_threads=threads, n_batch=512,
                           verbose=False)
     long_prompt = prompt_ids(500)
     times = []
-    for _ in range(3):
+    for _ in range(2):  # the first run warms up
         llm.reset()  # otherwise llama-cpp-python reuses the cached prompt and skips the prefill
         generator = llm.generate(long_prompt, temp=0.0, top_k=1, reset=True)
         started = time.perf_counter()
         next(generator)  # prefill + the first sampled token
         times.append(time.perf_counter() - started)
-    result = {"prefill_500_ms": statistics.median(times) * 1000}
+    result = {"prefill_500_ms": times[-1] * 1000}
     for label, context in (("short", 20), ("500", 500)):
-        rates = []
-        for _ in range(3):
-            llm.reset()
-            generator = llm.generate(long_prompt[:context], temp=0.0, top_k=1, reset=True)
+        llm.reset()
+        generator = llm.generate(long_prompt[:context], temp=0.0, top_k=1, reset=True)
+        next(generator)
+        started = time.perf_counter()
+        for _ in range(decode_tokens):
             next(generator)
-            started = time.perf_counter()
-            for _ in range(decode_tokens):
-                next(generator)
-            rates.append(decode_tokens / (time.perf_counter() - started))
-        result[f"decode_{label}_tok_s"] = statistics.median(rates)
+        result[f"decode_{label}_tok_s"] = decode_tokens / (time.perf_counter() - started)
     result["peak_rss_mb"] = peak_rss_mb()
     del llm
+    if not fidelity:
+        return result
     ids = fidelity_ids()
     scorer = llama_cpp.Llama(model_path=str(smollm2_gguf()), n_ctx=1024, n_threads=threads, logits_all=True,
                              verbose=False)
@@ -155,7 +154,7 @@ def child_llamacpp(threads: int, decode_tokens: int) -> dict:
     return result
 
 
-def child_transformers(gguf_path: str, ids_file: str, threads: int, decode_tokens: int) -> dict:
+def child_transformers(gguf_path: str, ids_file: str, threads: int, decode_tokens: int, fidelity: bool) -> dict:
     """transformers + torch (CPU, float32) on the same GGUF, which transformers dequantizes on load."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -200,13 +199,15 @@ def profile_decode(folder: Path, threads: int) -> list[tuple[str, float]]:
     options.intra_op_num_threads = threads
     options.enable_profiling = True
     options.profile_file_prefix = str(Path(tempfile.mkdtemp()) / "ort")
-    session.session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    graph = "model_decode.onnx" if session.decode_session is not None else "model.onnx"  # what a lone decode runs
+    profiled = ort.InferenceSession(str(folder / graph), options, providers=["CPUExecutionProvider"])
+    session.session = session.decode_session = profiled
     cache = session.new_cache(128)
     session.forward(prompt_ids(20), cache, 1)
     steps = 20
     for _ in range(steps):
         session.forward([5], cache, 1)
-    events = json.loads(Path(session.session.end_profiling()).read_text())
+    events = json.loads(Path(profiled.end_profiling()).read_text())
     runs = [e for e in events if e.get("name") == "model_run"][1:]
     start = runs[0]["ts"]
     by_op: collections.Counter[str] = collections.Counter()
@@ -245,6 +246,19 @@ def weight_bytes_per_token(folder: Path) -> int:
     return total
 
 
+def _combine(rounds: list[dict]) -> dict | None:
+    """Medians of the rounds' figures; fidelity from the round that measured it."""
+    if not rounds:
+        return None
+    combined = {key: statistics.median(r[key] for r in rounds)
+                for key, value in rounds[0].items() if isinstance(value, float)}
+    for key in ("argmax", "answers"):
+        found = next((r[key] for r in rounds if key in r), None)
+        if found is not None:
+            combined[key] = found
+    return combined
+
+
 def run_child(args: list[str], python: str = sys.executable) -> dict | None:
     done = subprocess.run([python, __file__, *args], capture_output=True, text=True)
     if done.returncode:
@@ -257,6 +271,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3, help="measurements of every engine, interleaved")
     parser.add_argument("--torch-python", help="an interpreter with torch and transformers installed (the project "
                         "never installs torch): measures transformers' CPU generation on the same GGUF")
     parser.add_argument("--json", action="store_true")
@@ -264,49 +279,65 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     parser.add_argument("--ids-file", help=argparse.SUPPRESS)
+    parser.add_argument("--fidelity", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child == "ours":
-        print(json.dumps(child_ours(args.folder, args.threads, args.decode_tokens)))
+        print(json.dumps(child_ours(args.folder, args.threads, args.decode_tokens, args.fidelity)))
         return
     if args.child == "llamacpp":
-        print(json.dumps(child_llamacpp(args.threads, args.decode_tokens)))
+        print(json.dumps(child_llamacpp(args.threads, args.decode_tokens, args.fidelity)))
         return
     if args.child == "transformers":
-        print(json.dumps(child_transformers(args.folder, args.ids_file, args.threads, args.decode_tokens)))
+        print(json.dumps(child_transformers(args.folder, args.ids_file, args.threads, args.decode_tokens,
+                                            args.fidelity)))
         return
 
     common = ["--threads", str(args.threads), "--decode-tokens", str(args.decode_tokens)]
-    results: dict[str, dict | None] = {}
+    engines: list[tuple[str, list[str], str]] = []  # (name, child arguments, interpreter)
     folders = {}
     for quant, compute, label in VARIANTS:
         folder = build("smollm2-135m-instruct", quant, compute=compute)
         folders[label] = folder
-        results[f"frugal ONNX {label}"] = run_child(["--child", "ours", "--folder", str(folder), *common])
+        engines.append((f"frugal ONNX {label}", ["--child", "ours", "--folder", str(folder), *common], sys.executable))
+    llama_name = "llama.cpp (llama-cpp-python 0.3.36)"
     try:
         import llama_cpp  # noqa: F401
 
-        results["llama.cpp (llama-cpp-python 0.3.36)"] = run_child(["--child", "llamacpp", *common])
+        engines.append((llama_name, ["--child", "llamacpp", *common], sys.executable))
     except ImportError:
         print("llama-cpp-python is not installed: pip install llama-cpp-python==0.3.36 (compiles ~7 min)",
               file=sys.stderr)
     if args.torch_python:
         ids_file = Path(tempfile.mkdtemp()) / "prompt_ids.json"
         ids_file.write_text(json.dumps(prompt_ids(500)))
-        results["transformers + torch (CPU, fp32)"] = run_child(
-            ["--child", "transformers", "--folder", str(smollm2_gguf()), "--ids-file", str(ids_file), *common],
-            python=args.torch_python)
+        engines.append(("transformers + torch (CPU, fp32)", ["--child", "transformers", "--folder",
+                                                             str(smollm2_gguf()), "--ids-file", str(ids_file),
+                                                             *common], args.torch_python))
     else:
         print("transformers+torch: not measured (pass --torch-python with an interpreter that has them)",
               file=sys.stderr)
+    # Rounds over all engines, so that each round compares engines measured minutes apart: this machine's
+    # speed drifts by 10-20% over a run. Figures are medians over rounds; ratios are medians of per-round ratios.
+    runs: dict[str, list[dict]] = {name: [] for name, _, _ in engines}
+    for index in range(args.rounds):
+        for name, child_args, python in engines:
+            measured = run_child(child_args + (["--fidelity"] if index == 0 else []), python)
+            if measured is not None:
+                runs[name].append(measured)
+    results = {name: _combine(rounds) for name, rounds in runs.items()}
+    for name, rounds in runs.items():
+        if results[name] is not None and runs.get(llama_name):
+            ratios = [r["decode_short_tok_s"] / ref["decode_short_tok_s"]
+                      for r, ref in zip(rounds, runs[llama_name], strict=False)]
+            results[name]["decode_vs_llamacpp"] = statistics.median(ratios)
 
-    reference = results.get("llama.cpp (llama-cpp-python 0.3.36)")
     fp32 = results.get("frugal ONNX fp32") or {}
     rows = []
     for name, r in results.items():
         if r is None:
             rows.append([name, "failed", "", "", "", "", "", ""])
             continue
-        ratio = f"{r['decode_short_tok_s'] / reference['decode_short_tok_s']:.2f}x" if reference else "n/a"
+        ratio = f"{r['decode_vs_llamacpp']:.2f}x" if "decode_vs_llamacpp" in r else "n/a"
         agreement = same_answers = "n/a"
         if fp32.get("argmax") and r.get("argmax"):
             agreement = f"{np.mean(np.array(r['argmax']) == np.array(fp32['argmax'])):.1%}"
@@ -324,23 +355,15 @@ def main() -> None:
     notes = [f"Fidelity: top-1 agreement with the fp32 build, teacher-forced over {len(fidelity_ids())} tokens of "
              "prose, code and unicode (the fp32 build agrees with an independent numpy reference within 1.3e-4); "
              f"greedy answers (48 tokens) to {len(ANSWER_PROMPTS)} questions identical to fp32's.", "",
-             "Where a decode step goes (default build, ms per step, onnxruntime profiler):", "",
+             "Where a decode step goes (default build, one sequence, so its decode graph; ms per step, by the "
+             "onnxruntime profiler, which adds overhead of its own to every operator):", "",
              markdown_table(["operator", "ms/step"], [[op, f"{ms:.2f}"] for op, ms in profile]), "",
              f"Memory bandwidth (numpy sum over 512 MB): {bandwidth:.1f} GB/s. Weight bytes read per decode step and "
              "the decode ceiling they imply: " + "; ".join(f"{q}: {per_token[q] / 1e6:.0f} MB -> {bound[q]:.0f} tok/s"
                                                           for q in per_token) + "."]
-    notes_text = "\n".join(notes)
-    if args.json:
-        print(json.dumps({"results": results, "profile_ms_per_step": profile, "bandwidth_gb_s": bandwidth,
-                          "weight_bytes_per_token": per_token, "models_dir": str(models_dir())}, indent=2))
-    else:
-        print(table)
-        print()
-        print(notes_text)
-    if args.record:
-        record("Local engine (SmolLM2-135M-Instruct)",
-               "python bench/local_engine.py " + " ".join(a for a in sys.argv[1:] if a != "--record") + " --record",
-               table, notes_text)
+    emit(args, "Local engine (SmolLM2-135M-Instruct)", "bench/local_engine.py",
+         {"results": results, "rounds": args.rounds, "profile_ms_per_step": profile, "bandwidth_gb_s": bandwidth,
+          "weight_bytes_per_token": per_token, "models_dir": str(models_dir())}, table, "\n".join(notes))
 
 
 if __name__ == "__main__":

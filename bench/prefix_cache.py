@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import markdown_table, record  # noqa: E402
+from bench._common import emit, markdown_table  # noqa: E402
 from workers.local.catalog import build  # noqa: E402
 from workers.local.engine import EngineConfig  # noqa: E402
 from workers.local.generate import Generation, LocalGenerator  # noqa: E402
@@ -115,17 +114,7 @@ def main() -> None:
     notes = (f"Answers identical with and without the cache (greedy, 24 tokens): {first['identical_answers']}. "
              f"Build: {args.quant}; the chat's prompts total {with_cache['prompt_tokens']} tokens over 10 turns "
              "(answers up to 48 tokens).")
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print(table)
-        print()
-        print(notes)
-    if args.record:
-        record("Prefix cache (SmolLM2-135M-Instruct)",
-               "python bench/prefix_cache.py " + " ".join(a for a in sys.argv[1:] if a != "--record") + " --record",
-               table, notes)
-
+    emit(args, "Prefix cache (SmolLM2-135M-Instruct)", "bench/prefix_cache.py", result, table, notes)
 
 if __name__ == "__main__":
     main()

@@ -6,8 +6,9 @@ steps through callbacks. Every iteration the engine
 1. drops sequences whose callers went away (their slot and keys/values are freed at once),
 2. admits the next waiting sequence when a slot is free: the longest prefix of its prompt that the prefix
    cache holds is copied into its slot, and only the rest is prefilled,
-3. runs one prefill chunk (at most `prefill_chunk` tokens) of the sequence being admitted, so that a long
-   prompt delays the others' next token by one chunk, not by its whole length,
+3. prefills at most `prefill_chunk` prompt tokens (the rest of the prompt being admitted, then the next
+   waiting ones while the budget lasts), so that a long prompt delays the others' next token by one chunk,
+   not by its whole length,
 4. runs one decode step for every running sequence together: one batch of the graph, each row at its own
    length (right-padded attention mask; GroupQueryAttention writes each row's keys and values in place).
 
@@ -178,17 +179,9 @@ class Engine:
                     self._cond.wait()
                 if self._closing:
                     break
-                if self._prefilling is None and self._admissible():
-                    self._prefilling = self._waiting.popleft()
-                    admitted = True
-                else:
-                    admitted = False
             try:
                 self._drop_cancelled()
-                if admitted and self._prefilling is not None:
-                    self._admit(self._prefilling)
-                if self._prefilling is not None:
-                    self._prefill_chunk(self._prefilling)
+                self._prefill(self.config.prefill_chunk)
                 if self._running:
                     self._decode_step()
             except Exception as exc:  # a failure of the runtime: fail what is in flight, keep serving
@@ -225,15 +218,34 @@ class Engine:
             self.stats["cached_tokens"] += sequence.length
         self.stats["prompt_tokens"] += len(sequence.prompt)
 
-    def _prefill_chunk(self, sequence: Sequence) -> None:
+    def _prefill(self, budget: int) -> None:
+        """Prompt tokens for this iteration, up to `budget`: the rest of the prompt being prefilled, then, while
+        the budget lasts, the next waiting prompts (so a burst of short prompts is admitted in few iterations)."""
+        while budget > 0:
+            if self._prefilling is None:
+                with self._cond:
+                    if not self._admissible():
+                        return
+                    self._prefilling = self._waiting.popleft()
+                self._admit(self._prefilling)
+            computed = self._prefill_chunk(self._prefilling, budget)
+            if computed == 0:
+                return
+            budget -= computed
+
+    def _prefill_chunk(self, sequence: Sequence, budget: int) -> int:
+        """Prefill up to `budget` tokens of the sequence; how many were computed (a cancelled sequence leaves:
+        1, so the caller moves on)."""
         if sequence.cancelled:
             self._prefilling = None
             self._leave(sequence)
-            return
+            return 1
         remaining = len(sequence.prompt) - sequence.length
-        count = min(self.config.prefill_chunk, remaining)
-        if remaining - count == 1 and count > 1:
+        count = min(budget, remaining)
+        if remaining - count == 1:
             count -= 1  # never a last chunk of one row
+        if count < 2 and remaining > 1:
+            return 0  # nor a middle chunk of one row: wait for the next iteration's budget
         start = sequence.length
         ids = np.asarray(sequence.prompt[start:start + count], dtype=np.int64).reshape(1, -1)
         mask = np.ones((1, start + count), dtype=np.int64)
@@ -241,7 +253,7 @@ class Engine:
         sequence.length += count
         self.stats["prefill_tokens"] += count
         if sequence.length < len(sequence.prompt):
-            return
+            return count
         self._prefilling = None
         self._cache_blocks(sequence)
         if self._advance(sequence, self.session.rescore(logits[:, -1], hidden[:, -1])[0]):
@@ -252,6 +264,7 @@ class Engine:
             self._running.append(sequence)
         else:
             self._leave(sequence)
+        return count
 
     def _decode_step(self) -> None:
         running = self._running
