@@ -110,7 +110,7 @@ class Engine:
         self.stats: Counter[str] = Counter()
         for key in ("prompt_tokens", "prefill_tokens", "cached_tokens", "generated_tokens", "decode_steps",
                     "decode_rows", "rejected", "finished_stop", "finished_length", "finished_cancelled",
-                    "finished_error"):
+                    "finished_error", "prefill_seconds", "decode_seconds"):
             self.stats[key] = 0  # every key exists from the start: readers copy the dict while it changes
         self._mean_seconds = 1.0  # moving average of a sequence's time in the engine, for Retry-After
         self._thread = threading.Thread(target=self._loop, name=f"engine-{name}", daemon=True)
@@ -249,7 +249,9 @@ class Engine:
         start = sequence.length
         ids = np.asarray(sequence.prompt[start:start + count], dtype=np.int64).reshape(1, -1)
         mask = np.ones((1, start + count), dtype=np.int64)
+        started = time.perf_counter()
         logits, hidden = self.session.run(ids, mask, self.pool.single(sequence.slot), 1)
+        self.stats["prefill_seconds"] += time.perf_counter() - started
         sequence.length += count
         self.stats["prefill_tokens"] += count
         if sequence.length < len(sequence.prompt):
@@ -279,8 +281,10 @@ class Engine:
         batch = np.array(lengths)
         mask = (np.arange(batch.max() + 1)[None, :] <= batch[:, None]).astype(np.int64)
         few = len(ids) <= self.config.decode_graph_max_batch and not self.config.batch_invariant
+        started = time.perf_counter()
         logits, hidden = self.session.run(np.array(ids, dtype=np.int64).reshape(-1, 1), mask,
                                           self.pool.batch(len(ids)), 1, "decode" if few else "main")
+        self.stats["decode_seconds"] += time.perf_counter() - started
         rows = self.session.rescore(logits[:len(running), -1], hidden[:len(running), -1])
         self.stats["decode_steps"] += 1
         self.stats["decode_rows"] += len(running)
