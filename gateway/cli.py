@@ -44,11 +44,12 @@ def serve(
     _logging(log_level)
     try:
         settings = load_config(config)
+        gateway = create_app(settings)
     except ConfigError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
     uvicorn.run(
-        create_app(settings),
+        gateway,
         host=host or settings.server.host,
         port=port if port is not None else settings.server.port,
         log_level=log_level,
