@@ -231,18 +231,22 @@ def test_gateway_reproduces_cascade_eval_on_a_test_split(tmp_path: Path,
         gateway = make_gateway({"models": models,
                                 "routes": [{"name": "frugal/auto", "kind": "cascade", "cascade": str(cascade)}]})
         test = load_grid(data).split("test")
+        client = httpx.Client(base_url=gateway.url, headers=gateway.headers(), timeout=60)
 
         def ask(q: int) -> tuple[int, str, float, int]:
             body = {"model": "frugal/auto", "messages": _split_query(test.queries[q]), "user": test.query_ids[q]}
-            reply = gateway.post("/v1/chat/completions", body)
+            reply = client.post("/v1/chat/completions", json=body)
             assert reply.status_code == 200, reply.text
             model = reply.headers["x-frugal-model"]
             assert reply.json()["choices"][0]["message"]["content"] == test.answers[q][test.models.index(model)]
             return q, model, float(reply.headers["x-frugal-cost-usd"]), int(reply.headers["x-frugal-tier-accepted"])
 
-        ask(0)  # the first request pays the stand-in's tokenizer start-up
-        with ThreadPoolExecutor(8) as pool:
-            results = list(pool.map(ask, range(len(test))))
+        try:
+            ask(0)  # the first request pays the stand-in's tokenizer start-up
+            with ThreadPoolExecutor(8) as pool:
+                results = list(pool.map(ask, range(len(test))))
+        finally:
+            client.close()
     finally:
         provider.stop()
     accuracy = sum(test.correct[q, test.models.index(m)] for q, m, _, _ in results) / len(test)
