@@ -172,9 +172,13 @@ def test_fit_and_eval_commands(tmp_path: Path) -> None:
     assert report["best_single"]["tiers"][0]["model"] == "big"
     assert sum(report["chosen"]["shares"]) == pytest.approx(1.0)
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    done = _frugal("scorer", "eval", "--data", str(data), "--scorer", str(tmp_path / "cascade.scorer"), "--json")
+    done = _frugal("scorer", "train", "--data", str(data), "--out", str(tmp_path / "trained"), "--models", "cheap,big")
     assert done.returncode == 0, done.stderr
-    assert set(json.loads(done.stdout)["models"]) == {"cheap", "mid", "big"}
+    done = _frugal("scorer", "eval", "--data", str(data), "--scorer", str(tmp_path / "trained"), "--json")
+    assert done.returncode == 0, done.stderr
+    models = json.loads(done.stdout)["models"]
+    assert set(models) == {"cheap", "big"} and models["big"]["n"] == 120
+    assert models["cheap"]["auroc"] > 0.6 and 0 <= models["cheap"]["brier"] <= 0.25
 
 
 def test_commands_refuse_bad_input(tmp_path: Path) -> None:
