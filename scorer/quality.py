@@ -32,7 +32,7 @@ def reliability(scores: np.ndarray, labels: np.ndarray, bins: int = 10) -> list[
 
 
 def quality(scores: np.ndarray, correct: np.ndarray, models: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """Per model (columns of `scores` and `correct`): AUROC, Brier, ECE, base rate."""
+    """Per model (columns of `scores` and `correct`): AUROC, Brier, ECE, base rate, reliability table."""
     out: dict[str, dict[str, Any]] = {}
     for j, model in enumerate(models):
         s, y = scores[:, j].astype(np.float64), correct[:, j]
@@ -41,5 +41,6 @@ def quality(scores: np.ndarray, correct: np.ndarray, models: Sequence[str]) -> d
         value = auroc(s, y)
         out[model] = {"auroc": None if value is None else round(value, 4),
                       "brier": round(float(np.mean((s - y) ** 2)), 4), "ece": round(float(ece), 4),
-                      "accuracy": round(float(y.mean()), 4), "n": len(s)}
+                      "accuracy": round(float(y.mean()), 4), "n": len(s),
+                      "reliability": [{k: round(v, 4) for k, v in row.items()} for row in table]}
     return out

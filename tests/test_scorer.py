@@ -130,4 +130,5 @@ def test_auroc_and_reliability() -> None:
     assert auroc(np.array([0.5, 0.5]), np.array([1.0, 1.0])) is None
     report = quality(np.array([[0.1], [0.9], [0.8], [0.3]]), np.array([[0.0], [1.0], [1.0], [0.0]]), ["m"])
     assert report["m"]["auroc"] == 1.0 and report["m"]["n"] == 4
+    assert sum(row["n"] for row in report["m"]["reliability"]) == 4
     assert math.isclose(report["m"]["brier"], (0.01 + 0.01 + 0.04 + 0.09) / 4, abs_tol=1e-4)
