@@ -250,6 +250,9 @@ class CompletionsEndpoint:
         trace = record.trace
         if trace is None:
             return
+        if any(a.model == model and a.outcome == "ok" for a in trace.attempts):
+            record.cost_usd = trace.cost_usd  # a cascade tier's answer, generated and billed in full already
+            return
         price = self.router.backends[model].price
         cost = price.cost(record.usage.prompt_tokens, record.usage.completion_tokens)
         last = trace.attempts[-1] if trace.attempts else None
