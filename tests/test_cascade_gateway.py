@@ -209,6 +209,7 @@ def _split_query(query: str) -> list[dict[str, str]]:
     return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
 
+@pytest.mark.timeout(600)  # fits a cascade, evaluates it and sends 1,531 queries: ~75 s on a busy 2-core machine
 def test_gateway_reproduces_cascade_eval_on_a_test_split(tmp_path: Path,
                                                          make_gateway: Callable[..., Gateway]) -> None:
     data = data_file("zellinger_mmlu.jsonl.gz")
