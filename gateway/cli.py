@@ -91,6 +91,11 @@ def stand_in(
         typer.echo(f"error: no such data file: {', '.join(missing)}", err=True)
         raise typer.Exit(2)
     answers = RecordedAnswers.load(data)
+    # Token counts need litellm's bundled tokenizer; importing litellm takes 4-17 s on a busy 2-core
+    # machine. Pay it before listening, not in the first request (which then timed out clients).
+    from workers.tokens import count_tokens
+
+    count_tokens("warm up")
     typer.echo(f"stand-in: {len(answers)} queries, {len(answers.models)} models, on http://{host}:{port}/v1",
                err=True)
     faults = Faults(latency_ms=latency_ms, chunk_latency_ms=chunk_latency_ms, error_rate=error_rate,
