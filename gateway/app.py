@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway.auth import KeyStore
-from gateway.backends import build_backend
+from gateway.backends import build_backend, build_cascades
 from gateway.completions import CompletionsEndpoint
 from gateway.errors import APIError, model_not_found
 from gateway.ledger import Ledger
@@ -24,6 +24,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.ratelimit import RateLimiter
 from gateway.recorder import Recorder
 from gateway.settings import FrugalConfig
+from router.cascade import CascadeRunner
 from router.cooldown import Cooldown
 from router.fallback import FallbackRouter, RetryPolicy
 from workers.backend import Backend
@@ -63,18 +64,20 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 def create_app(config: FrugalConfig, *, backends: dict[str, Backend] | None = None) -> FastAPI:
     """A gateway for `config`. `backends` replaces the configured ones (for embedding the gateway in
-    another program with backends it built itself)."""
+    another program with backends it built itself). Raises `ConfigError` when a cascade's scorer cannot
+    be loaded."""
     metrics = GatewayMetrics()
     ledger = Ledger(config.ledger.url, config.ledger.spill_path)
     built = backends if backends is not None else {m.name: build_backend(m) for m in config.models}
     router = FallbackRouter(
         built,
-        {r.name: list(r.models) for r in config.routes},
+        {r.name: list(r.models) for r in config.routes if r.kind == "fallback"},
         max_retries={m.name: m.max_retries for m in config.models},
         timeouts={m.name: m.timeout_s for m in config.models},
         retry=RetryPolicy(config.retry.backoff_base_s, config.retry.backoff_max_s),
         cooldown=Cooldown(config.cooldown.failures, config.cooldown.window_s, config.cooldown.cooldown_s),
     )
+    cascades = CascadeRunner(router, build_cascades(config))
     keys = KeyStore(config.auth, config.limits.requests_per_minute)
     if config.auth.required and not len(keys):
         log.warning("auth is required but no key is usable: every request will get 401 "
@@ -86,6 +89,7 @@ def create_app(config: FrugalConfig, *, backends: dict[str, Backend] | None = No
         keys=keys,
         limiter=RateLimiter(),
         router=router,
+        cascades=cascades,
         recorder=recorder,
         max_body_bytes=config.limits.max_body_bytes,
         default_timeout_s=max((m.timeout_s for m in config.models), default=60.0),

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 
-from gateway.settings import ModelConfig
+from gateway.settings import ConfigError, FrugalConfig, ModelConfig
+from router.cascade import CascadeRoute
+from router.optimizer import Tier
 from workers.backend import Backend
 from workers.http_backend import HTTPBackend
 from workers.litellm_backend import LiteLLMBackend
@@ -63,3 +65,31 @@ def build_backend(model: ModelConfig) -> Backend:
     if transport == "http":
         return HTTPBackend(remote)
     return LiteLLMBackend(remote)
+
+
+def build_cascades(config: FrugalConfig) -> dict[str, CascadeRoute]:
+    """The cascade routes, each with its scorer loaded (ONNX Runtime sessions)."""
+    from scorer.runtime import OnnxScorer, ScorerError  # noqa: PLC0415 - onnxruntime only when needed
+
+    routes: dict[str, CascadeRoute] = {}
+    scorers: dict[str, OnnxScorer] = {}
+    for route in config.routes:
+        if route.kind != "cascade":
+            continue
+        folder = str(route.scorer)
+        try:
+            scorer = scorers.get(folder) or OnnxScorer(folder)
+        except ScorerError as exc:
+            raise ConfigError(f"route {route.name!r}: {exc}") from exc
+        scorers[folder] = scorer
+        unknown = [t.model for t in route.tiers[:-1] if not scorer.knows(t.model)]
+        if unknown:
+            raise ConfigError(f"route {route.name!r}: the scorer in {folder} was not trained for "
+                              f"{', '.join(unknown)} (every tier but the last is scored)")
+        tiers = tuple(Tier(t.model, t.threshold if i < len(route.tiers) - 1 else None)
+                      for i, t in enumerate(route.tiers))
+        routes[route.name] = CascadeRoute(route.name, tiers, scorer)
+        log.info("route %s: cascade %s", route.name,
+                 " -> ".join(f"{t.model}" + (f" (>= {t.threshold:.3f})" if t.threshold is not None else "")
+                             for t in tiers))
+    return routes

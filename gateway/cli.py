@@ -46,11 +46,12 @@ def serve(
     _logging(log_level)
     try:
         settings = load_config(config)
+        gateway = create_app(settings)
     except ConfigError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
     uvicorn.run(
-        create_app(settings),
+        gateway,
         host=host or settings.server.host,
         port=port if port is not None else settings.server.port,
         log_level=log_level,
@@ -92,6 +93,11 @@ def stand_in(
         typer.echo(f"error: no such data file: {', '.join(missing)}", err=True)
         raise typer.Exit(2)
     answers = RecordedAnswers.load(data)
+    # Token counts need litellm's bundled tokenizer; importing litellm takes 4-17 s on a busy 2-core
+    # machine. Pay it before listening, not in the first request (which then timed out clients).
+    from workers.tokens import count_tokens
+
+    count_tokens("warm up")
     typer.echo(f"stand-in: {len(answers)} queries, {len(answers.models)} models, on http://{host}:{port}/v1",
                err=True)
     faults = Faults(latency_ms=latency_ms, chunk_latency_ms=chunk_latency_ms, error_rate=error_rate,
@@ -201,6 +207,192 @@ def generate(
         }))
     else:
         typer.echo()
+
+
+scorer_app = typer.Typer(no_args_is_help=True, help="Train and evaluate the answer scorer (docs/scorer.md).")
+app.add_typer(scorer_app, name="scorer")
+cascade_app = typer.Typer(no_args_is_help=True, help="Fit and evaluate cascades (docs/cascade.md).")
+app.add_typer(cascade_app, name="cascade")
+
+LEARNER_HELP = "logistic or boosting"
+LAYOUT_HELP = "per-model (one learner per model) or pooled (one learner, the model as a feature)"
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(2)
+
+
+def _grid(path: Path, models: str | None = None):  # noqa: ANN202 - scorer.dataset.Grid, imported lazily
+    from scorer.dataset import DataError, load_grid
+
+    if not path.is_file():
+        raise _fail(f"no such data file: {path}")
+    try:
+        grid = load_grid(path)
+        return grid.with_models([m.strip() for m in models.split(",")]) if models else grid
+    except DataError as exc:
+        raise _fail(str(exc)) from exc
+
+
+def _prices(path: Path | None) -> dict[str, tuple[float, float]] | None:
+    import yaml
+
+    if path is None:
+        return None
+    raw = yaml.safe_load(path.read_text())
+    try:
+        return {str(m): (float(p[0]), float(p[1])) for m, p in raw.items()}
+    except (AttributeError, TypeError, ValueError, IndexError) as exc:
+        raise _fail(f"{path}: expected 'model: [input, output]' in USD per million tokens") from exc
+
+
+def _echo_json(body: object) -> None:
+    import json
+
+    typer.echo(json.dumps(body, indent=2))
+
+
+@scorer_app.command("train")
+def scorer_train(
+    data: Annotated[list[Path], typer.Option(help="Labelled outcomes (.jsonl.gz, data pack schema); repeat for "
+                                                  "several datasets (one scorer folder each)")],
+    out: Annotated[Path, typer.Option(help="Output folder (one sub-folder per dataset when several)")],
+    learner: Annotated[str, typer.Option(help=LEARNER_HELP)] = "logistic",
+    layout: Annotated[str, typer.Option(help=LAYOUT_HELP)] = "per-model",
+    models: Annotated[str | None, typer.Option(help="Comma-separated models to train for (default: all)")] = None,
+) -> None:
+    """Train a scorer on the train split and export it to ONNX."""
+    from scorer.export import save
+    from scorer.train import LEARNERS, TrainConfig, fit
+    from scorer.vectors import LAYOUTS
+
+    if learner not in LEARNERS or layout not in LAYOUTS:
+        raise _fail(f"--learner: {', '.join(LEARNERS)}; --layout: {', '.join(LAYOUTS)}")
+    config = TrainConfig(learner=learner, layout=layout)  # type: ignore[arg-type]
+    for path in data:
+        grid = _grid(path, models)
+        folder = out / grid.name if len(data) > 1 else out
+        save(fit(grid.split("train"), config), folder, extra={"dataset": grid.name})
+        typer.echo(str(folder))
+
+
+@scorer_app.command("eval")
+def scorer_eval(
+    data: Annotated[Path, typer.Option(help="Labelled outcomes (.jsonl.gz)")],
+    scorer: Annotated[Path, typer.Option(help="A scorer folder (frugal scorer train)")],
+    split: Annotated[str, typer.Option(help="train or test")] = "test",
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object")] = False,
+) -> None:
+    """AUROC, Brier score and calibration of the scorer, per model, on a split (first-tier scoring)."""
+    from scorer.grid_scores import score_grid
+    from scorer.quality import quality
+    from scorer.runtime import OnnxScorer, ScorerError
+
+    try:
+        loaded = OnnxScorer(scorer)
+    except ScorerError as exc:
+        raise _fail(str(exc)) from exc
+    grid = _grid(data)
+    part = grid.split(split).with_models([m for m in grid.models if loaded.knows(m)])
+    scores = score_grid(loaded, loaded.spec, part)
+    report = {"dataset": grid.name, "split": split, "queries": len(part),
+              "models": quality(scores.first, part.correct, part.models)}
+    if as_json:
+        _echo_json(report)
+        return
+    for model, q in report["models"].items():
+        typer.echo(f"{model:36} AUROC {q['auroc'] if q['auroc'] is not None else '-':>6}  Brier {q['brier']:.4f}  "
+                   f"ECE {q['ece']:.4f}  accuracy {q['accuracy']:.4f}")
+
+
+@cascade_app.command("fit")
+def cascade_fit(
+    data: Annotated[Path, typer.Option(help="Labelled outcomes (.jsonl.gz); only its train split is used")],
+    out: Annotated[Path, typer.Option(help="The cascade file to write (cascade.yaml); the scorer goes beside it")],
+    budget: Annotated[float | None, typer.Option(help="USD per query: the most accurate cascade within it")]
+    = None,
+    target_accuracy: Annotated[float | None, typer.Option(help="The cheapest cascade reaching this accuracy")]
+    = None,
+    max_depth: Annotated[int, typer.Option(min=1, max=3, help="Most tiers in a cascade")] = 3,
+    models: Annotated[str | None, typer.Option(help="Comma-separated models to choose from (default: all)")]
+    = None,
+    any_order: Annotated[bool, typer.Option(help="Also try costlier models before cheaper ones")] = False,
+    learner: Annotated[str, typer.Option(help=LEARNER_HELP)] = "logistic",
+    layout: Annotated[str, typer.Option(help=LAYOUT_HELP)] = "per-model",
+    folds: Annotated[int, typer.Option(min=2, max=20, help="Cross-fitting folds")] = 5,
+    prices: Annotated[Path | None, typer.Option(help="YAML 'model: [in, out]' USD per million tokens: cost "
+                                                     "answers from their tokens instead of the data's cost_usd")]
+    = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the chosen cascade as JSON")] = False,
+) -> None:
+    """Fit a cascade on the train split (cross-fitted scorer, exhaustive search) and write cascade.yaml."""
+    from router.cascade_file import point_to_yaml
+    from router.fitting import FitOptions, fit_cascade
+    from scorer.train import LEARNERS, TrainConfig
+    from scorer.vectors import LAYOUTS
+
+    if budget is not None and target_accuracy is not None:
+        raise _fail("give --budget or --target-accuracy, not both")
+    if learner not in LEARNERS or layout not in LAYOUTS:
+        raise _fail(f"--learner: {', '.join(LEARNERS)}; --layout: {', '.join(LAYOUTS)}")
+    grid = _grid(data)
+    options = FitOptions(
+        models=[m.strip() for m in models.split(",")] if models else None, max_depth=max_depth,
+        order="any" if any_order else "cost", budget_usd=budget, target_accuracy=target_accuracy, folds=folds,
+        prices=_prices(prices), scorer=TrainConfig(learner=learner, layout=layout),  # type: ignore[arg-type]
+    )
+    try:
+        cascade = fit_cascade(grid, out, options, progress=lambda step: typer.echo(step, err=True))
+    except ValueError as exc:
+        raise _fail(str(exc)) from exc
+    chosen = point_to_yaml(cascade.chosen)
+    if as_json:
+        _echo_json({"cascade": str(out), "scorer": str(cascade.scorer), "chosen": chosen,
+                    "frontier_points": len(cascade.frontier)})
+        return
+    tiers = " -> ".join(f"{t['model']}" + (f" (>= {t['threshold']:.3f})" if "threshold" in t else "")
+                        for t in chosen["tiers"])
+    typer.echo(f"{out}: {tiers}; train accuracy {chosen['accuracy']:.4f}, "
+               f"cost {chosen['cost_usd']:.3g} USD/query; {len(cascade.frontier)} frontier points")
+
+
+@cascade_app.command("eval")
+def cascade_eval(
+    data: Annotated[Path, typer.Option(help="Labelled outcomes (.jsonl.gz)")],
+    cascade: Annotated[Path, typer.Option(help="A cascade file (frugal cascade fit)")],
+    split: Annotated[str, typer.Option(help="test (default) or train")] = "test",
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object")] = False,
+    plot: Annotated[Path | None, typer.Option(help="Write the accuracy-cost plot (PNG) here")] = None,
+) -> None:
+    """Accuracy, cost and tier shares of the cascade, every single model and the frontier, on a split."""
+    from router.cascade_file import CascadeFile, CascadeFileError
+    from router.report import evaluate
+    from scorer.runtime import OnnxScorer, ScorerError
+
+    try:
+        fitted = CascadeFile.read(cascade)
+        loaded = OnnxScorer(fitted.scorer)
+    except (CascadeFileError, ScorerError) as exc:
+        raise _fail(str(exc)) from exc
+    grid = _grid(data)
+    try:
+        report = evaluate(grid, fitted, loaded, split, data, plot)
+    except ValueError as exc:
+        raise _fail(str(exc)) from exc
+    if as_json:
+        _echo_json(report)
+        return
+    chosen, best = report["chosen"], report["best_single"]
+    typer.echo(f"{report['dataset']} ({split}, {report['queries']} queries)")
+    typer.echo(f"  cascade  {' -> '.join(t['model'] for t in chosen['tiers'])}: accuracy {chosen['accuracy']:.4f}, "
+               f"cost {chosen['cost_usd']:.4g} USD/query, answered by tier: "
+               + ", ".join(f"{s:.1%}" for s in chosen["shares"]))
+    typer.echo(f"  best single model {best['tiers'][0]['model']}: accuracy {best['accuracy']:.4f}, "
+               f"cost {best['cost_usd']:.4g} USD/query; cascade cost ratio {report['cost_ratio_vs_best']}")
+    for single in report["single_models"]:
+        typer.echo(f"    {single['tiers'][0]['model']:36} accuracy {single['accuracy']:.4f}  "
+                   f"cost {single['cost_usd']:.4g}")
 
 
 def main() -> None:

@@ -18,9 +18,10 @@ from gateway.ratelimit import RateLimiter
 from gateway.recorder import Recorder, RequestRecord
 from gateway.requests import ParsedRequest, parse_request, read_json
 from gateway.responses import SSEWriter, completion_body
+from router.cascade import CascadeRunner
 from router.fallback import FallbackRouter, OpenedStream, RouteFailed, RouteUnavailable
 from router.trace import Attempt, DecisionTrace
-from workers.backend import GenerationRequest, RequestKind
+from workers.backend import GenerationRequest, GenerationResult, RequestKind
 from workers.errors import BackendError, FailureKind
 from workers.remote import complete_usage
 
@@ -54,6 +55,28 @@ def error_for(failure: RouteFailed | RouteUnavailable | BackendError) -> APIErro
     return APIError(502, f"The model provider failed: {message}", type="api_error", code="upstream_error")
 
 
+def cascade_headers(trace: DecisionTrace) -> dict[str, str]:
+    """The cascade's decision, tier by tier (comma-separated in tier order; `-` where not applicable)."""
+
+    def number(value: float | None, digits: int = 4) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    headers = {
+        "x-frugal-tiers": ",".join(t.model for t in trace.tiers),
+        "x-frugal-tier-outcomes": ",".join(t.outcome for t in trace.tiers),
+        "x-frugal-scores": ",".join(number(t.score) for t in trace.tiers),
+        "x-frugal-thresholds": ",".join(number(t.threshold) for t in trace.tiers),
+        "x-frugal-tier-costs-usd": ",".join(f"{t.cost_usd:.10f}" for t in trace.tiers),
+        "x-frugal-tier-latencies-ms": ",".join(f"{t.latency_s * 1000:.1f}" for t in trace.tiers),
+    }
+    accepted = trace.accepted_tier
+    if accepted is not None:
+        headers["x-frugal-tier-accepted"] = str(accepted)
+    if trace.saved_usd is not None:
+        headers["x-frugal-saved-usd"] = f"{trace.saved_usd:.10f}"
+    return headers
+
+
 class SettledStreamingResponse(StreamingResponse):
     """A streaming response that always runs `settle` when it ends, however it ends (shielded from
     cancellation), so a stream is accounted for even if its body never started."""
@@ -71,11 +94,12 @@ class SettledStreamingResponse(StreamingResponse):
 
 
 class CompletionsEndpoint:
-    def __init__(self, *, keys: KeyStore, limiter: RateLimiter, router: FallbackRouter, recorder: Recorder,
-                 max_body_bytes: int, default_timeout_s: float, store_content: bool) -> None:
+    def __init__(self, *, keys: KeyStore, limiter: RateLimiter, router: FallbackRouter, cascades: CascadeRunner,
+                 recorder: Recorder, max_body_bytes: int, default_timeout_s: float, store_content: bool) -> None:
         self.keys = keys
         self.limiter = limiter
         self.router = router
+        self.cascades = cascades
         self.recorder = recorder
         self.max_body_bytes = max_body_bytes
         self.default_timeout_s = default_timeout_s
@@ -97,19 +121,29 @@ class CompletionsEndpoint:
             record.route, record.stream, record.user = parsed.model, parsed.stream, parsed.user
             if self.store_content:
                 record.prompt = body.get("messages") if kind == "chat" else body.get("prompt")
+            cascade = self.cascades.get(parsed.model)
             models = self.router.resolve(parsed.model)
-            if models is None:
+            if models is None and cascade is None:
                 raise model_not_found(parsed.model)
             record.route_label = parsed.model
-            record.trace = DecisionTrace(route=parsed.model)
-            parsed.generation.timeout_s = self.default_timeout_s
-            parsed.generation.tenant = client.key_id
+            record.trace = trace = DecisionTrace(route=parsed.model)
+            record.cascade = cascade
+            generation = parsed.generation
+            generation.timeout_s = self.default_timeout_s
+            generation.tenant = client.key_id
             if parsed.stream:
-                opened = await self.router.open_stream(models, parsed.generation, record.trace)
+                if cascade is not None:
+                    opened = await self.cascades.open_stream(cascade, generation, trace)
+                else:
+                    opened = await self.router.open_stream(models or [], generation, trace)
                 record.ttft_s = time.perf_counter() - record.started
                 handed_to_stream = True
                 return self._streaming_response(kind, parsed, opened, record)
-            return await self._complete(kind, parsed, models, record)
+            if cascade is not None:
+                result = await self.cascades.generate(cascade, generation, trace)
+            else:
+                result = await self.router.generate(models or [], generation, trace)
+            return self._complete(kind, result, record)
         except (RouteFailed, RouteUnavailable) as failure:
             error = error_for(failure)
             record.status, record.error_code = error.status, error.code
@@ -129,12 +163,12 @@ class CompletionsEndpoint:
             headers["x-frugal-models-tried"] = ",".join(trace.models_tried)
             if trace.model:
                 headers["x-frugal-model"] = trace.model
+            if trace.tiers:
+                headers.update(cascade_headers(trace))
         return headers
 
-    async def _complete(self, kind: RequestKind, parsed: ParsedRequest, models: list[str],
-                        record: RequestRecord) -> Response:
+    def _complete(self, kind: RequestKind, result: GenerationResult, record: RequestRecord) -> Response:
         assert record.trace is not None
-        result = await self.router.generate(models, parsed.generation, record.trace)
         record.usage = result.usage
         record.cost_usd = record.trace.cost_usd
         record.status = 200
@@ -184,6 +218,8 @@ class CompletionsEndpoint:
                 except StopAsyncIteration:
                     break
             record.cost_usd = record.trace.cost_usd if record.trace else 0.0
+            if record.cascade is not None and record.trace is not None:
+                self.cascades.settle(record.cascade, record.trace, record.usage)
             if writer.include_usage:
                 yield writer.usage(record.usage)
             record.status = 200
@@ -217,6 +253,9 @@ class CompletionsEndpoint:
             record.usage = complete_usage(None, generation, ["".join(texts)])
         trace = record.trace
         if trace is None:
+            return
+        if any(a.model == model and a.outcome == "ok" for a in trace.attempts):
+            record.cost_usd = trace.cost_usd  # a cascade tier's answer, generated and billed in full already
             return
         price = self.router.backends[model].price
         cost = price.cost(record.usage.prompt_tokens, record.usage.completion_tokens)

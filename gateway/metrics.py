@@ -36,6 +36,14 @@ class GatewayMetrics:
         self.fallbacks = Counter("frugal_fallbacks", "Moves to the next model of a route", ["route"], registry=r)
         self.cooldowns = Gauge("frugal_models_in_cooldown", "Models in cooldown now", registry=r)
         self.in_flight = Gauge("frugal_requests_in_flight", "Requests being answered now", registry=r)
+        self.cascade_depth = Histogram("frugal_cascade_depth", "Cascade tiers called per request", ["route"],
+                                       buckets=(1, 2, 3, 4, 5, 6, 8), registry=r)
+        self.cascade_accepted = Counter("frugal_cascade_accepted", "Cascade answers by the tier that gave them",
+                                        ["route", "tier", "model"], registry=r)
+        # A gauge, not a counter: a request whose last tier answered costs more than the reference model
+        # alone, so the running total can go down.
+        self.cascade_saved = Gauge("frugal_cascade_saved_usd", "Net USD saved by cascades against each route's "
+                                   "most expensive model, since start", ["route"], registry=r)
         self.ledger_written = Gauge("frugal_ledger_rows_written", "Ledger rows written by this process",
                                     registry=r)
 

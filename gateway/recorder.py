@@ -10,6 +10,7 @@ from typing import Any
 
 from gateway.ledger import Ledger, ledger_row
 from gateway.metrics import GatewayMetrics
+from router.cascade import CascadeRoute
 from router.trace import DecisionTrace
 from workers.backend import Usage
 
@@ -38,6 +39,8 @@ class RequestRecord:
     prompt: Any = None
     response: str | None = None
     recorded: bool = False
+    #: The cascade route being served (None for models and fallback routes).
+    cascade: CascadeRoute | None = None
 
 
 class Recorder:
@@ -117,5 +120,16 @@ class Recorder:
         for position, name in enumerate(calls):
             if name in calls[:position]:
                 m.retries.labels(name).inc()
-        if trace.fallbacks:
+        if trace.fallbacks and not trace.tiers:
             m.fallbacks.labels(record.route_label).inc(trace.fallbacks)
+        if trace.tiers:
+            self._cascade_metrics(record.route_label, trace)
+
+    def _cascade_metrics(self, route: str, trace: DecisionTrace) -> None:
+        m = self.metrics
+        m.cascade_depth.labels(route).observe(len(trace.tiers))
+        accepted = trace.accepted_tier
+        if accepted is not None:
+            m.cascade_accepted.labels(route, str(accepted), trace.tiers[accepted - 1].model).inc()
+        if trace.saved_usd is not None:
+            m.cascade_saved.labels(route).inc(trace.saved_usd)

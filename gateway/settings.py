@@ -89,12 +89,70 @@ class ModelConfig(_Strict):
         return os.environ.get(self.api_key_env) if self.api_key_env else None
 
 
+class TierConfig(_Strict):
+    """One tier of a cascade: a model, and the score at or above which its answer is accepted."""
+
+    model: str = Field(min_length=1)
+    #: Required for every tier but the last (which is always accepted).
+    threshold: float | None = Field(default=None, ge=0, le=1)
+
+
 class RouteConfig(_Strict):
-    """A name clients can use for an ordered list of models; until the cascade, a fallback list."""
+    """A name clients can use for several models.
+
+    `fallback`: an ordered list; the first model that answers wins. `cascade`: tiers judged by a scorer;
+    either `tiers` and `scorer` here, or `cascade`, a file written by `frugal cascade fit`.
+    """
 
     name: str = Field(min_length=1)
-    kind: Literal["fallback"] = "fallback"
-    models: list[str] = Field(min_length=1)
+    kind: Literal["fallback", "cascade"] = "fallback"
+    models: list[str] = Field(default_factory=list)
+    tiers: list[TierConfig] = Field(default_factory=list)
+    #: A scorer folder (`frugal scorer train` / `frugal cascade fit`); relative to the config file.
+    scorer: str | None = None
+    #: A fitted cascade file (`frugal cascade fit --out`); relative to the config file.
+    cascade: str | None = None
+
+    @model_validator(mode="after")
+    def _shape(self) -> RouteConfig:
+        if self.kind == "fallback":
+            if not self.models:
+                raise ValueError("a fallback route needs models")
+            if self.tiers or self.scorer or self.cascade:
+                raise ValueError("tiers, scorer and cascade belong to routes of kind cascade")
+            return self
+        if self.models:
+            raise ValueError("a cascade route lists tiers (or a cascade file), not models")
+        if self.cascade is not None:
+            if self.tiers:
+                raise ValueError("give either a cascade file or tiers, not both")
+            return self
+        if not self.tiers or self.scorer is None:
+            raise ValueError("a cascade route needs tiers and a scorer, or a cascade file")
+        for index, tier in enumerate(self.tiers[:-1]):
+            if tier.threshold is None:
+                raise ValueError(f"tier {index} ({tier.model}) needs a threshold (only the last tier has none)")
+        models = [t.model for t in self.tiers]
+        if len(set(models)) != len(models):
+            raise ValueError("a model can be only one tier of a cascade")
+        return self
+
+    def resolved(self, base_dir: Path) -> RouteConfig:
+        """This route with a cascade file's tiers and scorer in place of the file, and paths absolute."""
+        if self.kind != "cascade":
+            return self
+        if self.cascade is None:
+            return self.model_copy(update={"scorer": str(base_dir / str(self.scorer))})
+        from router.cascade_file import CascadeFile  # noqa: PLC0415 - read only for cascade routes
+
+        fitted = CascadeFile.read(base_dir / self.cascade)
+        tiers = [TierConfig(model=t.model, threshold=t.threshold) for t in fitted.chosen.tiers]
+        return self.model_copy(update={"tiers": tiers, "scorer": str(fitted.scorer), "cascade": None})
+
+    @property
+    def members(self) -> list[str]:
+        """The models this route may call."""
+        return list(self.models) if self.kind == "fallback" else [t.model for t in self.tiers]
 
 
 class KeyConfig(_Strict):
@@ -178,7 +236,7 @@ class FrugalConfig(_Strict):
         for route in self.routes:
             if route.name in names:
                 raise ValueError(f"route {route.name!r} has the same name as a model")
-            missing = [m for m in route.models if m not in names]
+            missing = [m for m in route.members if m not in names]
             if missing:
                 raise ValueError(f"route {route.name!r} names unknown models: {', '.join(missing)}")
         route_names = [r.name for r in self.routes]
@@ -199,8 +257,9 @@ class EnvSettings(BaseSettings):
     ledger_url: str | None = None
 
 
-def parse_config(text: str, origin: str = "<config>") -> FrugalConfig:
-    """Validate a YAML document; `ConfigError` names the offending field."""
+def parse_config(text: str, origin: str = "<config>", base_dir: Path | None = None) -> FrugalConfig:
+    """Validate a YAML document; `ConfigError` names the offending field. Relative paths in it (scorers,
+    cascade files) are relative to `base_dir` (the config file's folder; default: the working folder)."""
     try:
         raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
@@ -208,7 +267,7 @@ def parse_config(text: str, origin: str = "<config>") -> FrugalConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{origin}: the top level must be a mapping")
     try:
-        config = FrugalConfig.model_validate(raw)
+        config = FrugalConfig.model_validate(_with_fitted_cascades(raw, base_dir or Path.cwd(), origin))
     except ValidationError as exc:
         lines = []
         for error in exc.errors():
@@ -221,6 +280,26 @@ def parse_config(text: str, origin: str = "<config>") -> FrugalConfig:
             update={"ledger": config.ledger.model_copy(update={"url": env.ledger_url})}
         )
     return config
+
+
+def _with_fitted_cascades(raw: dict, base_dir: Path, origin: str) -> dict:
+    """The raw config with every cascade route's file read in (so validation sees its models)."""
+    from router.cascade_file import CascadeFileError  # noqa: PLC0415
+
+    routes = raw.get("routes")
+    if not isinstance(routes, list):
+        return raw
+    resolved = []
+    for index, route in enumerate(routes):
+        if isinstance(route, dict) and route.get("kind") == "cascade":
+            try:
+                route = RouteConfig.model_validate(route).resolved(base_dir).model_dump(exclude_none=True)
+            except ValidationError:
+                pass  # reported with the whole config's errors
+            except CascadeFileError as exc:
+                raise ConfigError(f"{origin}: invalid configuration:\n  routes.{index}.cascade: {exc}") from exc
+        resolved.append(route)
+    return {**raw, "routes": resolved}
 
 
 def default_config_text() -> str:
@@ -237,4 +316,4 @@ def load_config(path: str | Path | None = None) -> FrugalConfig:
         text = file.read_text()
     except OSError as exc:
         raise ConfigError(f"cannot read config file {file}: {exc.strerror}") from exc
-    return parse_config(text, str(file))
+    return parse_config(text, str(file), file.resolve().parent)

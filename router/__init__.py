@@ -1,4 +1,6 @@
-"""Decides which models answer a request: routes, fallbacks, retries, cooldowns (later: the cascade).
+"""Decides which models answer a request: fallback routes (retries, cooldowns) and cascades (tiers judged
+by a scorer), the decision trace, and the optimizer that fits cascades to labelled outcomes.
 
-Knows the `Backend` protocol of `workers`, nothing of HTTP.
+Knows the `Backend` protocol of `workers` and a `Scorer` protocol (met by `scorer.runtime.OnnxScorer`),
+nothing of HTTP.
 """

@@ -23,11 +23,38 @@ class Attempt:
 
 
 @dataclass(slots=True)
+class TierDecision:
+    """One tier of a cascade: its answer's score against its threshold, and what it cost."""
+
+    model: str
+    #: "accepted", "rejected", "failed" (no answer after retries), or "fallback_accepted" (every later
+    #: tier failed, so the best-scored rejected answer was returned).
+    outcome: str
+    score: float | None = None
+    threshold: float | None = None
+    cost_usd: float = 0.0
+    latency_s: float = 0.0
+
+
+@dataclass(slots=True)
 class DecisionTrace:
     route: str
     attempts: list[Attempt] = field(default_factory=list)
     #: The model whose answer was returned, if any.
     model: str | None = None
+    #: Cascade routes: each tier tried, in order (empty for other routes).
+    tiers: list[TierDecision] = field(default_factory=list)
+    #: Cascade routes: what the route's most expensive model would have cost for the answer returned,
+    #: minus what the cascade cost (negative when the cascade cost more).
+    saved_usd: float | None = None
+
+    @property
+    def accepted_tier(self) -> int | None:
+        """1-based number of the tier whose answer was returned (cascade routes)."""
+        for number, tier in enumerate(self.tiers, start=1):
+            if tier.outcome in ("accepted", "fallback_accepted"):
+                return number
+        return None
 
     @property
     def models_tried(self) -> list[str]:
@@ -53,8 +80,13 @@ class DecisionTrace:
         return max(0, len(self.models_tried) - 1)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        body: dict[str, Any] = {
             "route": self.route,
             "model": self.model,
             "attempts": [asdict(a) for a in self.attempts],
         }
+        if self.tiers:
+            body["tiers"] = [asdict(t) for t in self.tiers]
+            body["accepted_tier"] = self.accepted_tier
+            body["saved_usd"] = self.saved_usd
+        return body

@@ -1,4 +1,6 @@
-"""Judges answers: features, training, calibration, ONNX export and scoring (the cascade issue).
+"""Judges answers: P(correct | query, answer, model, earlier tiers' answers).
 
-Knows nothing of the other packages.
+Features (`features`, `vectors`), training and calibration (`train`), ONNX export (`export`), ONNX Runtime
+scoring (`runtime`), quality measures (`quality`), and the labelled data they learn from (`dataset`).
+See docs/scorer.md. Knows nothing of the other packages.
 """

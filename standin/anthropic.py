@@ -13,6 +13,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from standin.faults import Behaviour
+from workers.openai_format import content_text
 
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens"}
 
@@ -34,7 +35,7 @@ def _event(name: str, payload: dict[str, Any]) -> bytes:
 
 
 async def handle_messages(standin: Any, request: Request) -> Response:
-    from standin.server import _error, _json, _text_of, query_candidates  # noqa: PLC0415  (sibling helpers)
+    from standin.server import _error, _json, query_candidates  # noqa: PLC0415  (sibling helpers)
 
     admitted = await standin._admit(request)
     if isinstance(admitted, Response):
@@ -47,7 +48,7 @@ async def handle_messages(standin: Any, request: Request) -> Response:
         return _error(400, "max_tokens: Field required")
     from workers.tokens import count_tokens  # noqa: PLC0415
 
-    prompt_tokens = sum(count_tokens(_text_of(m.get("content"))) for m in messages)
+    prompt_tokens = sum(count_tokens(content_text(m.get("content"))) for m in messages)
     params = {"max_tokens": body["max_tokens"], "stop": body.get("stop_sequences")}
     answer = standin._answer(model, query_candidates(messages), prompt_tokens, params)
     message_id = f"msg_standin_{uuid.uuid4().hex[:20]}"

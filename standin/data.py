@@ -28,6 +28,8 @@ class RecordedAnswers:
 
     def __init__(self) -> None:
         self._by_query: dict[str, dict[str, Recording]] = {}
+        #: query_id -> (query text, model -> Recording): tells apart repeated prompts recorded separately.
+        self._by_id: dict[str, tuple[str, dict[str, Recording]]] = {}
         self.models: set[str] = set()
         self.datasets: set[str] = set()
 
@@ -53,7 +55,7 @@ class RecordedAnswers:
         self.models.add(model)
         if row.get("dataset"):
             self.datasets.add(str(row["dataset"]))
-        self._by_query.setdefault(row["query"], {})[model] = Recording(
+        recording = Recording(
             answer=row.get("answer"),
             input_tokens=row.get("input_tokens"),
             output_tokens=row.get("output_tokens"),
@@ -61,9 +63,18 @@ class RecordedAnswers:
             correct=row.get("correct"),
             cost_usd=row.get("cost_usd"),
         )
+        self._by_query.setdefault(row["query"], {})[model] = recording
+        if row.get("query_id") is not None:
+            self._by_id.setdefault(str(row["query_id"]), (row["query"], {}))[1][model] = recording
 
-    def find(self, model: str, candidates: Iterable[str]) -> Recording | None:
-        """The recording of `model` for the first candidate query text that was recorded."""
+    def find(self, model: str, candidates: Iterable[str], query_id: str | None = None) -> Recording | None:
+        """The recording of `model` for the first candidate query text that was recorded. A `query_id`
+        whose recorded query is one of the candidates picks that very recording (a prompt recorded twice
+        may have two different answers)."""
+        candidates = list(candidates)
+        by_id = self._by_id.get(query_id) if query_id is not None else None
+        if by_id is not None and by_id[0] in candidates and model in by_id[1]:
+            return by_id[1][model]
         for query in candidates:
             recorded = self._by_query.get(query)
             if recorded is not None:

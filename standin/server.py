@@ -22,6 +22,7 @@ from starlette.routing import Route
 from standin.anthropic import handle_messages
 from standin.data import RecordedAnswers, Recording, deterministic_answer
 from standin.faults import Behaviour, FaultRule, Faults
+from workers.openai_format import content_text
 from workers.tokens import count_tokens, split_tokens
 
 
@@ -34,19 +35,11 @@ def _error(status: int, message: str, kind: str = "invalid_request_error") -> Re
     return _json({"error": {"message": message, "type": kind, "param": None, "code": None}}, status, headers)
 
 
-def _text_of(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
-    return ""
-
-
 def query_candidates(messages: list[dict[str, Any]]) -> list[str]:
     """Texts under which a chat may have been recorded: the last user message, alone or with the system
     prompt in the data pack's `System: ...\\n\\nUser: ...` form."""
-    user = next((_text_of(m.get("content")) for m in reversed(messages) if m.get("role") == "user"), "")
-    system = next((_text_of(m.get("content")) for m in messages if m.get("role") in ("system", "developer")), None)
+    user = next((content_text(m.get("content")) for m in reversed(messages) if m.get("role") == "user"), "")
+    system = next((content_text(m.get("content")) for m in messages if m.get("role") in ("system", "developer")), None)
     candidates = [user]
     if system is not None:
         candidates.insert(0, f"System: {system}\n\nUser: {user}")
@@ -94,7 +87,8 @@ class StandIn:
         self.last_params: dict[str, dict[str, Any]] = {}
 
     def _answer(self, model: str, candidates: list[str], prompt_tokens: int, params: dict) -> _Answer:
-        recording = self.answers.find(model, candidates)
+        user = params.get("user")
+        recording = self.answers.find(model, candidates, user if isinstance(user, str) else None)
         if recording is not None and recording.answer is not None:
             text = recording.answer
             if recording.input_tokens is not None:
@@ -161,7 +155,7 @@ class StandIn:
             if not isinstance(messages, list) or not messages:
                 return _error(400, "messages must be a non-empty list")
             candidates = query_candidates(messages)
-            prompt_tokens = sum(count_tokens(_text_of(m.get("content"))) + 3 for m in messages) + 3
+            prompt_tokens = sum(count_tokens(content_text(m.get("content"))) + 3 for m in messages) + 3
         else:
             prompt = body.get("prompt")
             if not isinstance(prompt, str):

@@ -11,6 +11,15 @@ from typing import Any
 from workers.backend import Choice, RequestKind, StreamChunk, TokenLogprob, TopLogprob, Usage
 
 
+def content_text(content: Any) -> str:
+    """The text of a chat message's `content`: a string, or the text parts of a list of parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return ""
+
+
 def _chat_logprobs(raw: Any) -> list[TokenLogprob] | None:
     if not isinstance(raw, dict) or not isinstance(raw.get("content"), list):
         return None
