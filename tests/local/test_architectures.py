@@ -131,3 +131,30 @@ def test_int8_from_float_weights_computes_their_8_bit_blocks_exactly(tmp_path: P
     expected, _ = forward(load_gguf_weights(source), ids)
     error = {quant: np.abs(logits(source, quant) - expected).max() for quant in ("int8", "int4")}
     assert error["int8"] * 10 < error["int4"], error
+
+
+@pytest.mark.parametrize("weight_type", [QT.Q4_1, QT.Q8_0])
+def test_the_decode_graph_stays_as_close_as_float_activations(tmp_path: Path, weight_type: QT) -> None:
+    """The decode graph (two-pass int8 activations) against the reference, next to plain int8 activations:
+    its error is a small fraction of theirs."""
+    source = write_gguf(tmp_path / f"llama-{weight_type.name}.gguf", "llama", weight_type)
+    model = GGUFModel(source)
+    folder = tmp_path / "decode"
+    build_llama_graph(model, "int8", folder / "model.onnx", accuracy_level=COMPUTE_LEVELS["fp32"],
+                      head_accuracy_level=COMPUTE_LEVELS["fp32"], decode_graph=True)
+    (folder / "frugal_model.json").write_text(json.dumps({"name": "t", "quant": "int8",
+                                                          "shape": model.shape.to_json()}))
+    session = DecoderSession(folder, threads=1)
+    assert session.decode_session is not None
+    ids = np.random.default_rng(4).integers(0, VOCAB, size=24)
+    expected, _ = forward(load_gguf_weights(source), ids)
+
+    def error(graph: str) -> float:
+        cache = session.new_cache(32)
+        logits, _ = session.run(ids.reshape(1, -1), np.ones((1, len(ids)), np.int64), cache.values, 0, graph)
+        return float(np.abs(logits[0] - expected).max())
+
+    fast = DecoderSession(build(tmp_path, source, "int8", "int8"), threads=1)
+    int8_error = float(np.abs(fast.forward(ids, fast.new_cache(32), 0) - expected).max())
+    assert error("main") < 1e-3
+    assert error("decode") < int8_error / 20, (error("decode"), int8_error)
