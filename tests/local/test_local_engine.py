@@ -47,6 +47,12 @@ def reference_weights(path: str) -> LlamaWeights:
     return load_gguf_weights(path)
 
 
+@cache
+def reference_logits(path: str, ids: tuple[int, ...]) -> np.ndarray:
+    """The numpy reference's logits (slow: computed once per session for each token sequence)."""
+    return forward(reference_weights(path), np.array(ids))[0]
+
+
 def chat_ids(source: Path, text: str) -> list[int]:
     bundle = load_gguf_tokenizer(source)
     prompt = bundle.chat_template.render([{"role": "user", "content": text}])
@@ -78,11 +84,10 @@ def test_fp32_graph_matches_the_numpy_reference(built: Callable[..., Path], smol
 ])
 def test_quantized_graph_agrees_with_the_reference(built: Callable[..., Path], smollm2_source: Path, quant: str,
                                                     compute: str | None, floor: float) -> None:
-    weights = reference_weights(str(smollm2_source))
     bundle = load_gguf_tokenizer(smollm2_source)
     ids = bundle.tokenizer.encode(LONG_TEXT, add_special_tokens=False).ids
     assert len(ids) >= 250  # "a few hundred positions"
-    expected, _ = forward(weights, np.array(ids))
+    expected = reference_logits(str(smollm2_source), tuple(ids))
     got = all_logits(built(quant, compute), ids)  # with the exact re-scoring of the top candidates
     agreement = float((got.argmax(-1) == expected.argmax(-1)).mean())
     assert agreement >= floor, f"{quant}: top-1 agreement {agreement:.3f}"

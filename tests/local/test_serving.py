@@ -171,7 +171,7 @@ def test_many_concurrent_requests_on_shared_prefixes(make: Callable[..., LocalGe
     reference = make(batch_invariant=True, prefix_cache_bytes=0, max_batch=1)
     engine_config = {"batch_invariant": True, "max_batch": 6, "prefix_cache_bytes": 48 << 20}
     generator = make(**engine_config)
-    prompts = [chat(generator, SYSTEMS[i % 3], QUESTIONS[(i * 5) % 6] + f" (request {i})") for i in range(18)]
+    prompts = [chat(generator, SYSTEMS[i % 3], QUESTIONS[(i * 5) % 6] + f" (request {i})") for i in range(12)]
     expected = [generate(reference, p, 8)[0].text for p in prompts]
     barrier = threading.Barrier(len(prompts))
 
