@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs, with apt, the servers the test suite runs against when this machine lacks them.
+# Installs, with apt, the servers (PostgreSQL, Redis) the test suite runs against when this machine lacks them.
 # The tests start (and stop) their own instances; this script only makes the binaries available.
 set -euo pipefail
 
@@ -9,6 +9,9 @@ need=()
 have_pg_binaries() { compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; }
 pg_reachable() { (exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null; }
 if [ -n "${FRUGAL_TEST_POSTGRES_URL:-}" ] || pg_reachable || have_pg_binaries; then :; else need+=(postgresql); fi
+
+# Redis: the tests always start their own redis-server on a free port (never touching another one).
+command -v redis-server >/dev/null || need+=(redis-server)
 
 if [ ${#need[@]} -eq 0 ]; then
   echo "test services: nothing to install"

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from sqlalchemy import create_engine, text
 
-from tests.harness import TINY_ROWS, Gateway, Service, TempPostgres, standin, write_dataset
+from tests.harness import TINY_ROWS, Gateway, Service, TempPostgres, TempRedis, standin, write_dataset
 
 
 @pytest.fixture(scope="session")
@@ -76,3 +76,23 @@ def postgres_db(postgres_server: str) -> Iterator[str]:
     with admin.connect() as connection:
         connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The URL of a redis-server this test session started itself (on a free port, no persistence)."""
+    server = TempRedis(tmp_path_factory.mktemp("redis"))
+    url = server.start()
+    yield url
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: str) -> Iterator[str]:
+    """A Redis database for one test: the session's own server, emptied after the test (it is ours)."""
+    import redis
+
+    yield redis_server
+    client = redis.Redis.from_url(redis_server)
+    client.flushdb()
+    client.close()

@@ -251,3 +251,43 @@ class TempPostgres:
     def stop(self) -> None:
         self._run(str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-m", "fast", "-w", "stop")
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+class TempRedis:
+    """A redis-server of the tests' own on a free port, in memory only (no persistence), so the tests
+    never flush or touch a server they did not start."""
+
+    def __init__(self, log_dir: Path) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("no redis-server binary (run `make services`)")
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.log_path = log_dir / f"redis-{self.port}.log"
+        self.args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                     "--protected-mode", "no"]
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> str:
+        log = self.log_path.open("wb")
+        self.process = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT)
+
+        def ready() -> bool:
+            if self.process is not None and self.process.poll() is not None:
+                raise AssertionError(f"redis-server exited with {self.process.returncode}: "
+                                     f"{self.log_path.read_text(errors='replace')[-2000:]}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1.0) as sock:
+                    sock.sendall(b"PING\r\n")
+                    return sock.recv(16).startswith(b"+PONG")
+            except OSError:
+                return False
+
+        wait_until(ready, 20.0, "redis-server to answer PING")
+        return self.url
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(20)
+        self.process = None
