@@ -17,6 +17,7 @@ from starlette.responses import Response
 
 from gateway.auth import KeyStore
 from gateway.backends import build_backend, build_cascades
+from gateway.cache.setup import build_response_cache
 from gateway.completions import CompletionsEndpoint
 from gateway.errors import APIError, model_not_found
 from gateway.ledger import Ledger
@@ -85,6 +86,7 @@ def create_app(config: FrugalConfig, *, backends: dict[str, Backend] | None = No
     metrics.watch_local_engines({name: backend.stats for name, backend in built.items()
                                  if callable(getattr(backend, "stats", None))})
     recorder = Recorder(ledger, metrics, config.ledger.store_content)
+    cache = build_response_cache(config.cache)
     endpoint = CompletionsEndpoint(
         keys=keys,
         limiter=RateLimiter(),
@@ -94,6 +96,7 @@ def create_app(config: FrugalConfig, *, backends: dict[str, Backend] | None = No
         max_body_bytes=config.limits.max_body_bytes,
         default_timeout_s=max((m.timeout_s for m in config.models), default=60.0),
         store_content=config.ledger.store_content,
+        cache=cache,
     )
 
     @asynccontextmanager
@@ -106,6 +109,8 @@ def create_app(config: FrugalConfig, *, backends: dict[str, Backend] | None = No
         finally:
             for backend in built.values():
                 await backend.aclose()
+            if cache is not None:
+                await cache.aclose()
             await run_in_threadpool(ledger.close)
 
     app = FastAPI(title="Frugal", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)

@@ -3,6 +3,7 @@ record. Every request, whatever its outcome, is recorded exactly once (`Recorder
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -12,6 +13,9 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from gateway.auth import KeyStore
+from gateway.cache.directives import parse_cache_control
+from gateway.cache.entry import CachedResponse
+from gateway.cache.response_cache import CacheLookup, ResponseCache
 from gateway.errors import APIError, model_not_found, rate_limited
 from gateway.ids import RequestIds
 from gateway.ratelimit import RateLimiter
@@ -21,9 +25,11 @@ from gateway.responses import SSEWriter, completion_body
 from router.cascade import CascadeRunner
 from router.fallback import FallbackRouter, OpenedStream, RouteFailed, RouteUnavailable
 from router.trace import Attempt, DecisionTrace
-from workers.backend import GenerationRequest, GenerationResult, RequestKind
+from workers.backend import Choice, GenerationRequest, GenerationResult, RequestKind, StreamChunk, TokenLogprob
 from workers.errors import BackendError, FailureKind
 from workers.remote import complete_usage
+
+log = logging.getLogger("frugal.gateway")
 
 #: Status recorded for a stream the client abandoned (nginx's convention; never sent on the wire).
 CLIENT_CLOSED = 499
@@ -95,7 +101,8 @@ class SettledStreamingResponse(StreamingResponse):
 
 class CompletionsEndpoint:
     def __init__(self, *, keys: KeyStore, limiter: RateLimiter, router: FallbackRouter, cascades: CascadeRunner,
-                 recorder: Recorder, max_body_bytes: int, default_timeout_s: float, store_content: bool) -> None:
+                 recorder: Recorder, max_body_bytes: int, default_timeout_s: float, store_content: bool,
+                 cache: ResponseCache | None = None) -> None:
         self.keys = keys
         self.limiter = limiter
         self.router = router
@@ -104,6 +111,7 @@ class CompletionsEndpoint:
         self.max_body_bytes = max_body_bytes
         self.default_timeout_s = default_timeout_s
         self.store_content = store_content
+        self.cache = cache
         self.ids = RequestIds()
 
     async def handle(self, request: Request, kind: RequestKind) -> Response:
@@ -131,6 +139,13 @@ class CompletionsEndpoint:
             generation = parsed.generation
             generation.timeout_s = self.default_timeout_s
             generation.tenant = client.key_id
+            lookup = None
+            if self.cache is not None:
+                directives = parse_cache_control(request.headers.get("cache-control"))
+                lookup = await self.cache.lookup(client.key_id, parsed.model, generation, directives)
+                record.cache = lookup.result
+                if lookup.entry is not None:
+                    return self._cached(kind, parsed, lookup, lookup.entry, record)
             if parsed.stream:
                 if cascade is not None:
                     opened = await self.cascades.open_stream(cascade, generation, trace)
@@ -138,12 +153,15 @@ class CompletionsEndpoint:
                     opened = await self.router.open_stream(models or [], generation, trace)
                 record.ttft_s = time.perf_counter() - record.started
                 handed_to_stream = True
-                return self._streaming_response(kind, parsed, opened, record)
+                return self._streaming_response(kind, parsed, opened, record, lookup)
             if cascade is not None:
                 result = await self.cascades.generate(cascade, generation, trace)
             else:
                 result = await self.router.generate(models or [], generation, trace)
-            return self._complete(kind, result, record)
+            response = self._complete(kind, result, record)
+            if lookup is not None:
+                await self._save(lookup, CachedResponse.from_result(result, record.cost_usd))
+            return response
         except (RouteFailed, RouteUnavailable) as failure:
             error = error_for(failure)
             record.status, record.error_code = error.status, error.code
@@ -165,7 +183,53 @@ class CompletionsEndpoint:
                 headers["x-frugal-model"] = trace.model
             if trace.tiers:
                 headers.update(cascade_headers(trace))
+        if record.cache != "none":
+            headers["x-frugal-cache"] = record.cache
         return headers
+
+    async def _save(self, lookup: CacheLookup, entry: CachedResponse) -> None:
+        """Store an answer in the cache; a failing cache never fails the request that was answered."""
+        assert self.cache is not None
+        try:
+            await self.cache.save(lookup, entry)
+        except Exception:
+            log.exception("storing an answer in the response cache failed")
+
+    def _cached(self, kind: RequestKind, parsed: ParsedRequest, lookup: CacheLookup, entry: CachedResponse,
+                record: RequestRecord) -> Response:
+        """Answer from the cache: nothing is spent; what the answer cost when it was made is saved. A
+        streaming request gets the cached answer as a stream (its whole body is known: one write)."""
+        record.usage = entry.usage
+        record.cost_usd = 0.0
+        record.cache_saved_usd = entry.cost_usd
+        record.status = 200
+        age_s = entry.age_s()
+        cache_info: dict[str, object] = {"result": lookup.result, "saved_usd": entry.cost_usd, "age_s": round(age_s, 3)}
+        if lookup.similarity is not None:
+            cache_info["similarity"] = round(lookup.similarity, 6)
+        record.trace = DecisionTrace(route=parsed.model, model=entry.model, cache=cache_info)
+        if self.store_content:
+            record.response = entry.choices[0].text if entry.choices else ""
+        headers = self._headers(record)
+        headers["x-frugal-cost-usd"] = f"{0.0:.10f}"
+        headers["x-frugal-saved-usd"] = f"{entry.cost_usd:.10f}"
+        headers["age"] = str(int(age_s))
+        if lookup.similarity is not None:
+            headers["x-frugal-cache-similarity"] = f"{lookup.similarity:.4f}"
+        response_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{record.request_id}"
+        if not parsed.stream:
+            body = completion_body(kind, response_id, int(time.time()), entry.model, entry.choices, entry.usage)
+            return Response(body, media_type="application/json", headers=headers)
+        writer = SSEWriter(kind, response_id, int(time.time()), entry.model, parsed.include_usage)
+        frames = [writer.role(len(entry.choices))] if kind == "chat" else []
+        frames += [writer.chunk(StreamChunk(c.index, c.text, c.finish_reason or "stop", c.logprobs))
+                   for c in entry.choices]
+        if writer.include_usage:
+            frames.append(writer.usage(entry.usage))
+        frames.append(SSEWriter.DONE)
+        record.ttft_s = time.perf_counter() - record.started
+        return Response(b"".join(frames), media_type="text/event-stream",
+                        headers={**headers, "cache-control": "no-cache"})
 
     def _complete(self, kind: RequestKind, result: GenerationResult, record: RequestRecord) -> Response:
         assert record.trace is not None
@@ -181,7 +245,7 @@ class CompletionsEndpoint:
         return Response(content, media_type="application/json", headers=headers)
 
     def _streaming_response(self, kind: RequestKind, parsed: ParsedRequest, opened: OpenedStream,
-                            record: RequestRecord) -> StreamingResponse:
+                            record: RequestRecord, lookup: CacheLookup | None) -> StreamingResponse:
         writer = SSEWriter(kind, f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{record.request_id}",
                            int(time.time()), opened.model, parsed.include_usage)
         n = int(parsed.generation.params.get("n", 1))
@@ -195,13 +259,14 @@ class CompletionsEndpoint:
                 self._bill_partial(record, opened.model, parsed.generation, [], outcome="client_closed")
                 self.recorder.finish(record)
 
-        return SettledStreamingResponse(self._frames(writer, n, opened, parsed.generation, record), settle,
+        return SettledStreamingResponse(self._frames(writer, n, opened, parsed.generation, record, lookup), settle,
                                         media_type="text/event-stream",
                                         headers={**self._headers(record), "cache-control": "no-cache"})
 
     async def _frames(self, writer: SSEWriter, n: int, opened: OpenedStream, generation: GenerationRequest,
-                      record: RequestRecord) -> AsyncIterator[bytes]:
+                      record: RequestRecord, lookup: CacheLookup | None) -> AsyncIterator[bytes]:
         texts: list[str] = []
+        answer = _StreamedAnswer(n) if lookup is not None and lookup.write else None
         finished = False
         try:
             if writer.kind == "chat":
@@ -212,6 +277,8 @@ class CompletionsEndpoint:
                     record.usage = chunk.usage
                 if chunk.text or chunk.finish_reason or chunk.logprobs:
                     texts.append(chunk.text)
+                    if answer is not None:
+                        answer.add(chunk)
                     yield writer.chunk(chunk)
                 try:
                     chunk = await anext(opened.rest)
@@ -224,6 +291,9 @@ class CompletionsEndpoint:
                 yield writer.usage(record.usage)
             record.status = 200
             finished = True
+            if answer is not None and lookup is not None:
+                await self._save(lookup, CachedResponse(opened.model, answer.choices(), record.usage,
+                                                        record.cost_usd))
             yield SSEWriter.DONE
         except BackendError as failure:
             error = error_for(failure)
@@ -266,3 +336,24 @@ class CompletionsEndpoint:
             trace.attempts.append(Attempt(model, outcome or "failed_midstream",
                                           time.perf_counter() - record.started, cost))
         record.cost_usd = trace.cost_usd
+
+
+class _StreamedAnswer:
+    """A streamed answer put back together, choice by choice, for the cache."""
+
+    def __init__(self, n: int) -> None:
+        self._texts: list[list[str]] = [[] for _ in range(n)]
+        self._finish: list[str | None] = [None] * n
+        self._logprobs: list[list[TokenLogprob] | None] = [None] * n
+
+    def add(self, chunk: StreamChunk) -> None:
+        if not 0 <= chunk.index < len(self._texts):
+            return
+        self._texts[chunk.index].append(chunk.text)
+        if chunk.finish_reason:
+            self._finish[chunk.index] = chunk.finish_reason
+        if chunk.logprobs:
+            self._logprobs[chunk.index] = (self._logprobs[chunk.index] or []) + chunk.logprobs
+
+    def choices(self) -> list[Choice]:
+        return [Choice(i, "".join(parts), self._finish[i], self._logprobs[i]) for i, parts in enumerate(self._texts)]

@@ -61,7 +61,7 @@ requests_table = Table(
     Column("cost_usd", Float, nullable=False),
     Column("latency_ms", Float, nullable=False),
     Column("ttft_ms", Float),
-    #: "none" until the caches land; later "hit", "miss", "semantic-hit".
+    #: Response cache: "none" (not consulted), "bypass" (not cacheable), "miss", "hit", "semantic-hit".
     Column("cache", String(16), nullable=False),
     Column("client_disconnected", Boolean, nullable=False),
     Column("user", String(256)),

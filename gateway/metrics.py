@@ -44,6 +44,10 @@ class GatewayMetrics:
         # alone, so the running total can go down.
         self.cascade_saved = Gauge("frugal_cascade_saved_usd", "Net USD saved by cascades against each route's "
                                    "most expensive model, since start", ["route"], registry=r)
+        self.cache_requests = Counter("frugal_cache_requests", "Requests by response-cache result (hit, "
+                                      "semantic-hit, miss, bypass)", ["route", "result"], registry=r)
+        self.cache_saved = Counter("frugal_cache_saved_usd", "USD not spent because the cache answered (what "
+                                   "the cached answer cost when it was made)", ["route", "result"], registry=r)
         self.ledger_written = Gauge("frugal_ledger_rows_written", "Ledger rows written by this process",
                                     registry=r)
 

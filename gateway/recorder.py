@@ -41,6 +41,10 @@ class RequestRecord:
     recorded: bool = False
     #: The cascade route being served (None for models and fallback routes).
     cascade: CascadeRoute | None = None
+    #: Response cache: "none" (not consulted), "bypass", "miss", "hit" or "semantic-hit".
+    cache: str = "none"
+    #: What the cached answer cost when it was made (hits only).
+    cache_saved_usd: float = 0.0
 
 
 class Recorder:
@@ -91,7 +95,7 @@ class Recorder:
             cost_usd=record.cost_usd,
             latency_ms=latency_s * 1000,
             ttft_ms=record.ttft_s * 1000 if record.ttft_s is not None else None,
-            cache="none",
+            cache=record.cache,
             client_disconnected=record.client_disconnected,
             user=record.user,
             trace=trace.to_dict() if trace else None,
@@ -107,6 +111,11 @@ class Recorder:
         m.latency.labels(record.route_label, "true" if record.stream else "false").observe(latency_s)
         if record.ttft_s is not None:
             m.ttft.labels(record.route_label).observe(record.ttft_s)
+        if record.cache != "none":
+            m.cache_requests.labels(record.route_label, record.cache).inc()
+            if record.cache in ("hit", "semantic-hit"):
+                m.cache_saved.labels(record.route_label, record.cache).inc(record.cache_saved_usd)
+                return  # no model was called: no tokens, spend or errors to count
         if trace is None:
             return
         if trace.model:

@@ -2,7 +2,8 @@
 
 The file's path comes from `--config`, else `FRUGAL_CONFIG`, else the packaged default
 (`gateway/default_config.yaml`). Environment variables named in the file (`api_key_env`, `key_env`)
-supply the secrets; `FRUGAL_LEDGER_URL` overrides the ledger URL. See docs/configuration.md.
+supply the secrets; `FRUGAL_LEDGER_URL` overrides the ledger URL and `REDIS_URL` the caches' Redis.
+See docs/configuration.md.
 """
 
 from __future__ import annotations
@@ -212,6 +213,41 @@ class LedgerConfig(_Strict):
     spill_path: str = "frugal-ledger-spill.jsonl"
 
 
+class ExactCacheConfig(_Strict):
+    """The exact cache: the same request (conversation and every parameter that changes the answer)."""
+
+    enabled: bool = True
+    ttl_s: float = Field(default=3600.0, gt=0)
+    #: In-process store bounds (with Redis, Redis's own maxmemory policy bounds it).
+    max_entries: int = Field(default=10_000, ge=1)
+    max_mib: float = Field(default=256.0, gt=0)
+    #: Cache only deterministic requests (temperature 0 or a fixed seed): a sampled answer is one draw.
+    only_deterministic: bool = True
+
+
+class SemanticCacheConfig(_Strict):
+    """The semantic cache: a paraphrase of a cached question, in the same context, gets the cached answer."""
+
+    enabled: bool = False
+    #: Cosine similarity a match needs; None = the calibrated default (docs/semantic-cache.md).
+    threshold: float | None = Field(default=None, gt=0, le=1)
+    ttl_s: float = Field(default=3600.0, gt=0)
+    max_entries: int = Field(default=100_000, ge=1)
+
+
+class CacheConfig(_Strict):
+    """Response caches (docs/caching.md). In process by default; shared through Redis when `redis_url`
+    (or the REDIS_URL environment variable) is set."""
+
+    #: Whose answers may serve whom: "key" (each API key has its own cache) or "shared" (all keys).
+    scope: Literal["key", "shared"] = "key"
+    exact: ExactCacheConfig = ExactCacheConfig()
+    semantic: SemanticCacheConfig = SemanticCacheConfig()
+    redis_url: str | None = None
+    #: Namespace of the keys in Redis (several gateways, one Redis).
+    redis_prefix: str = "frugal:"
+
+
 class ServerConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
@@ -226,6 +262,7 @@ class FrugalConfig(_Strict):
     retry: RetryConfig = RetryConfig()
     cooldown: CooldownConfig = CooldownConfig()
     ledger: LedgerConfig = LedgerConfig()
+    cache: CacheConfig = CacheConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> FrugalConfig:
@@ -278,6 +315,11 @@ def parse_config(text: str, origin: str = "<config>", base_dir: Path | None = No
     if env.ledger_url:
         config = config.model_copy(
             update={"ledger": config.ledger.model_copy(update={"url": env.ledger_url})}
+        )
+    redis_url = os.environ.get("REDIS_URL")
+    if redis_url:
+        config = config.model_copy(
+            update={"cache": config.cache.model_copy(update={"redis_url": redis_url})}
         )
     return config
 

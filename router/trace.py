@@ -47,6 +47,9 @@ class DecisionTrace:
     #: Cascade routes: what the route's most expensive model would have cost for the answer returned,
     #: minus what the cascade cost (negative when the cascade cost more).
     saved_usd: float | None = None
+    #: Answered from the response cache: result ("hit" / "semantic-hit"), what it saved, the entry's age
+    #: and, for semantic hits, the similarity of the matched question.
+    cache: dict[str, Any] | None = None
 
     @property
     def accepted_tier(self) -> int | None:
@@ -85,6 +88,8 @@ class DecisionTrace:
             "model": self.model,
             "attempts": [asdict(a) for a in self.attempts],
         }
+        if self.cache is not None:
+            body["cache"] = self.cache
         if self.tiers:
             body["tiers"] = [asdict(t) for t in self.tiers]
             body["accepted_tier"] = self.accepted_tier
