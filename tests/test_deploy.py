@@ -25,7 +25,7 @@ def compose() -> dict:
 
 def test_compose_file_follows_the_specification() -> None:
     spec = PyCompose.from_yaml(COMPOSE.read_text()).to_spec()
-    assert set(spec.services) == {"gateway", "postgres", "prometheus", "grafana"}
+    assert set(spec.services) == {"gateway", "postgres", "redis", "prometheus", "grafana"}
 
 
 def test_the_specification_check_is_not_a_rubber_stamp() -> None:
@@ -95,3 +95,10 @@ def test_grafana_provisioning_points_at_the_dashboards(compose: dict) -> None:
     mounts = dict(v.split(":")[:2] for v in compose["services"]["grafana"]["volumes"])
     assert mounts["./deploy/grafana/dashboards"] == path
     assert Path(REPO / "deploy/grafana/dashboards/frugal.json").is_file()
+
+
+def test_gateway_caches_in_the_composed_redis(compose: dict) -> None:
+    url = compose["services"]["gateway"]["environment"]["REDIS_URL"]
+    host = url.split("//", 1)[1].split(":", 1)[0]
+    assert host in compose["services"] and "redis" in compose["services"]["gateway"]["depends_on"]
+    assert "allkeys-lru" in compose["services"][host]["command"]  # bounded: a cache, not a store
