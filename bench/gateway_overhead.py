@@ -1,7 +1,8 @@
 """What the gateway adds to a request: latency at concurrency 1, and throughput on one core.
 
 Starts the stand-in provider and a gateway (pinned to CPU 0) as real processes, then measures the same
-request sent straight to the stand-in and through the gateway over each transport (direct HTTP, litellm).
+request sent straight to the stand-in and through the gateway over each transport (direct HTTP, litellm),
+and a repeated greedy request that the gateway answers from its exact response cache.
 Latency: sequential keep-alive requests from this process. Throughput: wrk (apt package `wrk`), pinned
 with the stand-in to the other core. Checks afterwards that the ledger holds a row for every request.
 
@@ -60,8 +61,7 @@ def start(command: list[str], url: str, log: Path) -> subprocess.Popen[bytes]:
     raise SystemExit(f"{command} did not become ready")
 
 
-def latency(url: str, model: str, requests: int, headers: dict[str, str]) -> list[float]:
-    body = dict(BODY, model=model)
+def latency(url: str, body: dict, requests: int, headers: dict[str, str]) -> list[float]:
     samples = []
     with httpx.Client(headers=headers, timeout=30) as client:
         for _ in range(max(50, requests // 10)):  # warm-up (litellm's first calls are slow)
@@ -74,9 +74,9 @@ def latency(url: str, model: str, requests: int, headers: dict[str, str]) -> lis
     return samples
 
 
-def throughput(url: str, model: str, duration: int, connections: int, tmp: Path) -> dict[str, float]:
-    script = tmp / f"{model}.lua"
-    script.write_text(LUA % (KEY, json.dumps(dict(BODY, model=model))))
+def throughput(url: str, body: dict, duration: int, connections: int, tmp: Path) -> dict[str, float]:
+    script = tmp / "load.lua"
+    script.write_text(LUA % (KEY, json.dumps(body)))
     command = pinned(["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "-s", str(script), url], 1)
     output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))
@@ -132,17 +132,21 @@ def main() -> None:
     sent = 0
     try:
         auth = {"authorization": f"Bearer {KEY}"}
+        gateway_url = f"http://127.0.0.1:{gateway_port}/v1/chat/completions"
+        # Without a temperature the requests are sampled, so the response cache lets them through
+        # (`bypass`); the last target repeats a greedy request, answered by the exact cache.
         targets = [
-            ("stand-in direct (baseline)", f"{standin_url}/v1/chat/completions", "alpha"),
-            ("gateway, http transport", f"http://127.0.0.1:{gateway_port}/v1/chat/completions", "via-http"),
-            ("gateway, litellm transport", f"http://127.0.0.1:{gateway_port}/v1/chat/completions", "via-litellm"),
+            ("stand-in direct (baseline)", f"{standin_url}/v1/chat/completions", dict(BODY, model="alpha")),
+            ("gateway, http transport", gateway_url, dict(BODY, model="via-http")),
+            ("gateway, litellm transport", gateway_url, dict(BODY, model="via-litellm")),
+            ("gateway, exact-cache hit", gateway_url, dict(BODY, model="via-http", temperature=0)),
         ]
-        for name, url, model in targets:
-            results[name] = summary(latency(url, model, args.requests, auth))
+        for name, url, body in targets:
+            results[name] = summary(latency(url, body, args.requests, auth))
             if "gateway" in name:
                 sent += args.requests + max(50, args.requests // 10)
             if has_wrk:
-                load = throughput(url, model, args.duration, args.connections, tmp)
+                load = throughput(url, body, args.duration, args.connections, tmp)
                 results[name].update({f"wrk_{k}": v for k, v in load.items()})
                 if "gateway" in name:
                     sent += int(load["requests"])
