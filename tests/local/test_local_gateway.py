@@ -25,7 +25,7 @@ def gateway(built: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory
          "model_dir": str(built("int8")), "threads": 2},
         {"name": "local/priced", "backend": "local/smollm2-135m-instruct", "model_dir": str(built("int8")),
          "input_cost_per_token": 1e-8, "output_cost_per_token": 2e-8},
-    ]})
+    ], "cache": {"exact": {"enabled": False}}})  # these tests ask the model the same greedy question again
     gw.start()
     yield gw
     gw.stop()
