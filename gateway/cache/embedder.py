@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -66,3 +67,28 @@ class Embedder:
 
     def _embed_one(self, text: str) -> np.ndarray:
         return self._loaded().embed([text])[0]
+
+
+class SavedEmbeddings:
+    """`embed_many` with a file of embeddings already computed (texts and vectors in one .npz), so that
+    repeated calibration or benchmark runs embed each text once. Only texts missing from the file are
+    embedded; the file is then rewritten with them."""
+
+    def __init__(self, path: Path, embed_many: Callable[[list[str]], np.ndarray]) -> None:
+        self._path = Path(path)
+        self._embed_many = embed_many
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        import numpy as np
+
+        known: dict[str, np.ndarray] = {}
+        if self._path.is_file():
+            with np.load(self._path, allow_pickle=False) as saved:
+                known = dict(zip(saved["texts"].tolist(), saved["vectors"], strict=True))
+        missing = list(dict.fromkeys(t for t in texts if t not in known))
+        if missing:
+            known.update(zip(missing, self._embed_many(missing), strict=True))
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            with self._path.open("wb") as handle:
+                np.savez(handle, texts=np.array(list(known)), vectors=np.stack(list(known.values())))
+        return np.stack([known[t] for t in texts]) if texts else np.zeros((0, DIM), dtype=np.float32)
