@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -20,17 +19,15 @@ from gateway.cache.calibration import (
 )
 from gateway.cache.embedder import Embedder, SavedEmbeddings
 from gateway.cache.guard import compatible
+from tests.harness import missing_data
 
 
 def require_paraphrase_pack() -> Path:
     """The paraphrase pack's folder; skips (fails under CI) when it is not there."""
     folder = paraphrase_dir()
     if not all((folder / f"{source}.jsonl.gz").is_file() for source in SOURCES):
-        message = (f"paraphrase pack missing at {folder}: set FRUGAL_DATA_DIR to the folder holding paraphrase/ "
-                   f"(by default ../shared/data next to the repository)")
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        missing_data(f"paraphrase pack missing at {folder}: set FRUGAL_DATA_DIR to the folder holding "
+                     f"paraphrase/ (by default ../shared/data next to the repository)")
     return folder
 
 
