@@ -33,6 +33,10 @@ if TYPE_CHECKING:
 REDIS_GRACE_S = 60
 #: Entries fetched per pipeline while reloading a mirror.
 RELOAD_BATCH = 1000
+#: Connections to Redis per index. More concurrent requests wait for one (up to `POOL_TIMEOUT_S`) rather than
+#: fail: redis-py's default pool raises "Too many connections" at 100 concurrent commands.
+MAX_CONNECTIONS = 32
+POOL_TIMEOUT_S = 20.0
 
 # KEYS: zset, seq, log. ARGV: prefix, id, partition, entry key, vector, expires_at, redis ttl (s),
 # max_entries, now, log_len.
@@ -76,8 +80,14 @@ class RedisSemanticIndex:
                  client: redis.asyncio.Redis | None = None) -> None:
         import redis.asyncio
 
-        self._client = client or redis.asyncio.Redis.from_url(url)
-        self._owns_client = client is None
+        if client is None:
+            pool = redis.asyncio.BlockingConnectionPool.from_url(url, max_connections=MAX_CONNECTIONS,
+                                                                 timeout=POOL_TIMEOUT_S)
+            client = redis.asyncio.Redis(connection_pool=pool)
+            self._owns_client = True
+        else:
+            self._owns_client = False
+        self._client = client
         self._prefix = prefix
         self._zset, self._seq_key, self._log = prefix + "z", prefix + "seq", prefix + "log"
         self._max_entries = max_entries
@@ -157,6 +167,7 @@ class RedisSemanticIndex:
     async def aclose(self) -> None:
         if self._owns_client:
             await self._client.aclose()
+            await self._client.connection_pool.disconnect()
 
     def __len__(self) -> int:
         return len(self._store)
