@@ -244,6 +244,28 @@ def test_a_replica_that_fell_behind_the_capped_log_reloads(redis_url: str) -> No
     run(check())
 
 
+def test_a_replica_drops_its_mirror_when_redis_lost_its_data(redis_url: str) -> None:
+    async def check() -> None:
+        import redis
+
+        clock = FakeClock()
+        a, b = redis_index(redis_url, clock), redis_index(redis_url, clock)
+        old, new = distinct(2, seed=9)
+        await a.add("p", old, "old", ttl_s=60)
+        assert (await b.lookup("p", old, 0.99)).entry_key == "old"
+        raw = redis.Redis.from_url(redis_url)
+        raw.flushdb()  # as a restarted Redis without persistence
+        raw.close()
+        await a.add("p", new, "new", ttl_s=60)
+        assert await b.lookup("p", old, 0.99) is None
+        assert (await b.lookup("p", new, 0.99)).entry_key == "new"
+        assert len(b) == 1
+        await a.aclose()
+        await b.aclose()
+
+    run(check())
+
+
 def test_both_indexes_satisfy_the_protocol(redis_url: str) -> None:
     def typed(index: SemanticIndex) -> SemanticIndex:
         return index

@@ -10,7 +10,8 @@ In Redis, under `prefix`:
   reclaim of expired entries, both applied atomically by the add script;
 - `log`: a stream of changes (add with its payload, delete), capped near `log_len` events, each numbered
   by the counter `seq`. Before every lookup a replica reads the events after its cursor (one XREAD).
-  A gap in the numbers (it fell behind by more than the capped stream holds) makes it reload everything.
+  A gap in the numbers (it fell behind by more than the capped stream holds) or a restarted count (Redis
+  lost its data) makes it reload everything.
 """
 
 from __future__ import annotations
@@ -128,8 +129,9 @@ class RedisSemanticIndex:
                 return
             reply = await self._client.xread({self._log: self._cursor})
             events = reply[0][1] if reply else []
-            if events and int(events[0][1][b"s"]) > self._seq + 1:
-                await self._reload()  # fell behind the capped stream
+            if events and int(events[0][1][b"s"]) != self._seq + 1:
+                # Fell behind the capped stream (a gap), or Redis lost its data (the count restarted).
+                await self._reload()
                 return
             with self._lock:
                 for event_id, fields in events:
