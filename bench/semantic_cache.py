@@ -9,7 +9,13 @@
    as a cache: every held-out pair's first question cached in one partition, every second question looked
    up; a hit on any question other than its own pair's duplicate counts as false.
 
+BLAS threads: numpy's OpenBLAS defaults to one thread per core, and on this 2-core machine, with anything
+else running (ONNX Runtime's own threads, redis-server, another process), a 100k-row matrix-vector product
+then waits for a descheduled BLAS thread: measured p50 6-8 ms instead of 1.5 ms. The gateway should run
+with one BLAS thread (docs/semantic-cache.md); `--blas-threads` (default 1) sets it here.
+
     .venv/bin/python bench/semantic_cache.py [--json] [--record] [--redis-url URL] [--embeddings FILE.npz]
+                                             [--blas-threads N]
 """
 
 from __future__ import annotations
@@ -153,6 +159,7 @@ def main() -> None:
     parser.add_argument("--redis-url", default=None, help="default: a redis-server of its own on a free port")
     parser.add_argument("--data-dir", type=Path, default=None, help="folder holding paraphrase/")
     parser.add_argument("--embeddings", type=Path, default=None, help="reuse embeddings saved in this .npz")
+    parser.add_argument("--blas-threads", type=int, default=1, help="numpy BLAS threads (0: leave as is)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--record", action="store_true")
     args = parser.parse_args()
@@ -163,7 +170,10 @@ def main() -> None:
         server = TempRedis(Path(tempfile.mkdtemp(prefix="frugal-bench-redis-")))
         args.redis_url = server.start()
     try:
-        result = asyncio.run(run(args, args.redis_url))
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(limits=args.blas_threads or None, user_api="blas"):
+            result = asyncio.run(run(args, args.redis_url))
     finally:
         if server is not None:
             server.stop()
@@ -179,7 +189,8 @@ def main() -> None:
          ["as a cache (all first questions cached, one partition; labelled hits)", cache["lookups"],
           f"{cache['hits']} ({cache['unlabelled']} unlabelled)", f"{cache['false_hit_share']:.2%}", "-"]])
     notes = ("Lookups: one partition holding every entry (the worst case), the other side of held-out QQP pairs "
-             "as queries; Redis mode is a second replica reading what the first wrote (one XREAD per lookup).")
+             "as queries; Redis mode is a second replica reading what the first wrote (one XREAD per lookup). "
+             f"numpy BLAS threads: {args.blas_threads or 'default'}.")
     emit(args, "Semantic cache (MiniLM, held-out QQP)", "bench/semantic_cache.py", result, table, notes)
 
 
