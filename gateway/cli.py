@@ -395,5 +395,53 @@ def cascade_eval(
                    f"cost {single['cost_usd']:.4g}")
 
 
+cache_app = typer.Typer(no_args_is_help=True, help="The response caches (docs/semantic-cache.md).")
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("calibrate")
+def cache_calibrate(
+    data_dir: Annotated[Path | None, typer.Option(help="Folder holding paraphrase/ (default: $FRUGAL_DATA_DIR, "
+                                                       "else ../shared/data next to the repository)")] = None,
+    out: Annotated[Path | None, typer.Option(help="Write the full report (JSON) here")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write the precision-recall plot (PNG) here")] = None,
+    embeddings: Annotated[Path | None, typer.Option(help="Reuse (and extend) embeddings saved in this .npz")]
+    = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Read only the first N pairs of each source")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON")] = False,
+) -> None:
+    """Choose the semantic cache's similarity threshold on held-out human-labelled paraphrase pairs."""
+    from gateway.cache.calibration import MAIN, calibrate, paraphrase_dir
+    from gateway.cache.calibration import plot as draw
+    from gateway.cache.embedder import Embedder, SavedEmbeddings
+
+    folder = paraphrase_dir(data_dir)
+    if not folder.is_dir():
+        raise _fail(f"no paraphrase pack at {folder}: set --data-dir or FRUGAL_DATA_DIR to the folder holding it")
+    embedder = Embedder()
+    embed = SavedEmbeddings(embeddings, embedder.embed_many) if embeddings else embedder.embed_many
+    report = calibrate(folder, embed, limit=limit)
+    if out:
+        import json
+
+        out.write_text(json.dumps(report, indent=2) + "\n")
+    if plot:
+        draw(report, plot)
+    if as_json:
+        _echo_json(report | {"rules": {rule: {k: v for k, v in r.items() if k != "curve"}
+                                       for rule, r in report["rules"].items()}})
+        return
+    for rule, r in report["rules"].items():
+        held = r["held_out"]
+        typer.echo(f"{rule}: threshold {r['threshold']:.4f} (target {'met' if r['target_met'] else 'NOT met'}; "
+                   f"lowest false-hit share on the fit part {r['lowest_false_hit_share_on_fit']:.2%})")
+        for source, m in held.items():
+            natural = (f", {m['false_hit_share_at_base_rate']:.2%} at {m['base_rate']:.1%} duplicates"
+                       if "base_rate" in m else "")
+            typer.echo(f"  held-out {source:10} pairs {m['pairs']:5}  hits {m['hits']:5}  false-hit share "
+                       f"{m['false_hit_share']:6.2%}{natural}  FPR {m['false_positive_rate']:.2%}  "
+                       f"recall {m['recall']:.2%}" + ("  (main set)" if source == MAIN else ""))
+
+
 def main() -> None:
     app()

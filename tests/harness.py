@@ -13,7 +13,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import httpx
 import pytest
@@ -35,12 +35,16 @@ def data_file(name: str) -> Path:
     """A file of the shared data pack; skips (fails under CI) when it is not there."""
     path = data_dir() / "cascade" / name
     if not path.is_file():
-        message = (f"data pack file {path} is missing: set FRUGAL_DATA_DIR to the folder holding cascade/ "
-                   f"(by default ../shared/data next to the repository)")
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        missing_data(f"data pack file {path} is missing: set FRUGAL_DATA_DIR to the folder holding cascade/ "
+                     f"(by default ../shared/data next to the repository)")
     return path
+
+
+def missing_data(message: str) -> NoReturn:
+    """A test's data is not there: fail under CI (it must be), skip elsewhere, saying how to get it."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(message)
+    pytest.skip(message)
 
 
 def free_port() -> int:

@@ -1,0 +1,102 @@
+"""Threshold calibration on the paraphrase pack, and the embedder it relies on (real MiniLM ONNX model)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gateway.cache.calibration import (
+    MAIN,
+    SOURCES,
+    calibrate,
+    choose_threshold,
+    held_out,
+    load_pairs,
+    measure,
+    paraphrase_dir,
+)
+from gateway.cache.embedder import Embedder, SavedEmbeddings
+from gateway.cache.guard import compatible
+from tests.harness import missing_data
+
+
+def require_paraphrase_pack() -> Path:
+    """The paraphrase pack's folder; skips (fails under CI) when it is not there."""
+    folder = paraphrase_dir()
+    if not all((folder / f"{source}.jsonl.gz").is_file() for source in SOURCES):
+        missing_data(f"paraphrase pack missing at {folder}: set FRUGAL_DATA_DIR to the folder holding "
+                     f"paraphrase/ (by default ../shared/data next to the repository)")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def embedder() -> Embedder:
+    return Embedder()
+
+
+def test_the_embedder_puts_paraphrases_closer_than_unrelated_questions(embedder: Embedder) -> None:
+    import asyncio
+
+    question = asyncio.run(embedder.embed("How do I reset my router password?"))
+    paraphrase, unrelated = embedder.embed_many(["What is the way to reset the password of my router?",
+                                                 "What is the capital of Australia?"])
+    assert question.shape == (384,) and question.dtype == np.float32
+    assert float(np.linalg.norm(question)) == pytest.approx(1.0, abs=1e-5)
+    assert float(question @ paraphrase) > float(question @ unrelated) + 0.3
+
+
+def test_saved_embeddings_embed_only_new_texts(tmp_path: Path) -> None:
+    calls: list[list[str]] = []
+
+    def fake(texts: list[str]) -> np.ndarray:
+        calls.append(texts)
+        return np.array([[float(len(t)), 1.0] for t in texts], dtype=np.float32)
+
+    saved = SavedEmbeddings(tmp_path / "e.npz", fake)
+    first = saved(["a", "bb"])
+    again = SavedEmbeddings(tmp_path / "e.npz", fake)(["bb", "ccc", "a"])
+    assert calls == [["a", "bb"], ["ccc"]]
+    assert first[1].tolist() == again[0].tolist() == [2.0, 1.0]
+
+
+def test_held_out_groups_never_share_a_text() -> None:
+    folder = require_paraphrase_pack()
+    pairs = load_pairs(folder, MAIN, limit=3000)
+    mask = held_out(pairs)
+    assert 0.15 < mask.mean() < 0.45
+    texts = [{" ".join(t.lower().split()) for p, m in zip(pairs, mask, strict=True) if m == side
+              for t in (p.text_a, p.text_b)} for side in (True, False)]
+    assert not texts[0] & texts[1]
+
+
+def test_choose_threshold_meets_its_own_constraint() -> None:
+    rng = np.random.default_rng(0)
+    duplicate = rng.random(5000) < 0.5
+    scores = np.where(duplicate, rng.normal(0.9, 0.05, 5000), rng.normal(0.6, 0.08, 5000))
+    threshold = choose_threshold(scores, duplicate, target=0.01, min_hits=50)
+    at = measure(scores, duplicate, threshold)
+    assert at["false_hit_share"] <= 0.01 and at["hits"] >= 50
+    lower = measure(scores, duplicate, float(np.max(scores[scores < threshold])))
+    assert lower["false_hit_share"] > 0.01  # the lowest such threshold: one step down breaks it
+    with pytest.raises(ValueError):
+        choose_threshold(scores, duplicate, target=0.0, min_hits=4000)
+
+
+def test_calibration_on_a_slice_of_the_pack_picks_a_threshold_meeting_its_aim(embedder: Embedder) -> None:
+    folder = require_paraphrase_pack()
+    report = calibrate(folder, embedder.embed_many, limit=300, min_hits=10)
+    for rule in ("cosine", "cosine+guard"):
+        r = report["rules"][rule]
+        assert r["fit"]["hits"] >= 10
+        assert r["fit"]["false_hit_share"] <= r["aimed_at"] + 1e-9
+        assert r["target_met"] == (r["aimed_at"] == report["target_false_hit_share"])
+        assert set(r["held_out"]) == set(SOURCES)
+        assert 0.5 < r["threshold"] <= 1.0
+
+
+def test_the_guard_blocks_different_numbers_and_negations() -> None:
+    assert compatible("How do I learn Python?", "What is the best way to learn Python?")
+    assert not compatible("Best laptop under 500 dollars?", "Best laptop under 800 dollars?")
+    assert not compatible("Can I take ibuprofen with coffee?", "Can't I take ibuprofen with coffee?")
