@@ -102,6 +102,8 @@ def create_app(config: FrugalConfig, *, backends: dict[str, Backend] | None = No
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await run_in_threadpool(ledger.start)
+        if cache is not None and cache.semantic is not None:
+            await run_in_threadpool(cache.semantic.embedder.load)  # fail at start, not on a first request
         log.info("frugal gateway ready: %d models, %d routes, ledger %s", len(config.models),
                  len(config.routes), ledger.engine.url.render_as_string())
         try:

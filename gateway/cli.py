@@ -39,11 +39,15 @@ def serve(
 ) -> None:
     """Run the gateway."""
     import uvicorn
+    from threadpoolctl import threadpool_limits
 
     from gateway.app import create_app
     from gateway.settings import ConfigError, load_config
 
     _logging(log_level)
+    # numpy's BLAS (the semantic cache's similarity scans) on one thread: a second thread only competes
+    # with the event loop and the local engine, and doubles lookup latency when the other core is busy.
+    threadpool_limits(limits=1, user_api="blas")
     try:
         settings = load_config(config)
         gateway = create_app(settings)

@@ -36,6 +36,10 @@ class Embedder:
         self._encoder: MiniLMEncoder | None = None
         self._lock = threading.Lock()
 
+    def load(self) -> None:
+        """Load (building it if missing) the encoder now rather than on the first text: blocking."""
+        self._loaded()
+
     def _loaded(self) -> MiniLMEncoder:
         with self._lock:
             if self._encoder is None:

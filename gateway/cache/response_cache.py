@@ -28,6 +28,7 @@ HITS = ("hit", "semantic-hit")
 
 
 class Embedder(Protocol):
+    def load(self) -> None: ...
     async def embed(self, text: str) -> np.ndarray: ...
 
 
