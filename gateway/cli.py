@@ -412,9 +412,15 @@ def cache_calibrate(
     embeddings: Annotated[Path | None, typer.Option(help="Reuse (and extend) embeddings saved in this .npz")]
     = None,
     limit: Annotated[int | None, typer.Option(min=1, help="Read only the first N pairs of each source")] = None,
+    verifier_out: Annotated[Path | None, typer.Option(help="Write the fitted match verifier (JSON) here; "
+                                                            "gateway/cache/verifier.json is the shipped one")]
+    = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON")] = False,
 ) -> None:
-    """Choose the semantic cache's similarity threshold on held-out human-labelled paraphrase pairs."""
+    """Choose the semantic cache's similarity threshold (and the match verifier's) on held-out human-labelled
+    paraphrase pairs."""
+    import json
+
     from gateway.cache.calibration import MAIN, calibrate, paraphrase_dir
     from gateway.cache.calibration import plot as draw
     from gateway.cache.embedder import Embedder, SavedEmbeddings
@@ -425,9 +431,11 @@ def cache_calibrate(
     embedder = Embedder()
     embed = SavedEmbeddings(embeddings, embedder.embed_many) if embeddings else embedder.embed_many
     report = calibrate(folder, embed, limit=limit)
+    model = report.pop("verifier_model")
+    if verifier_out:
+        verifier_out.write_text(json.dumps(model | {"command": "frugal cache calibrate --verifier-out "
+                                                               "gateway/cache/verifier.json"}) + "\n")
     if out:
-        import json
-
         out.write_text(json.dumps(report, indent=2) + "\n")
     if plot:
         draw(report, plot)
@@ -437,7 +445,8 @@ def cache_calibrate(
         return
     for rule, r in report["rules"].items():
         held = r["held_out"]
-        typer.echo(f"{rule}: threshold {r['threshold']:.4f} (target {'met' if r['target_met'] else 'NOT met'}; "
+        kind = f" (verifier probability, on cosine ≥ {r['min_similarity']})" if "min_similarity" in r else ""
+        typer.echo(f"{rule}: threshold {r['threshold']:.4f}{kind} (target {'met' if r['target_met'] else 'NOT met'}; "
                    f"lowest false-hit share on the fit part {r['lowest_false_hit_share_on_fit']:.2%})")
         for source, m in held.items():
             natural = (f", {m['false_hit_share_at_base_rate']:.2%} at {m['base_rate']:.1%} duplicates"

@@ -19,6 +19,16 @@ from gateway.cache.calibration import (
 )
 from gateway.cache.embedder import Embedder, SavedEmbeddings
 from gateway.cache.guard import compatible
+from gateway.cache.verifier import (
+    DEFAULT_VERIFIER_THRESHOLD,
+    FEATURES,
+    MIN_SIMILARITY,
+    export,
+    features,
+    probability,
+    shipped_model,
+    verify,
+)
 from tests.harness import missing_data
 
 
@@ -87,16 +97,56 @@ def test_choose_threshold_meets_its_own_constraint() -> None:
 def test_calibration_on_a_slice_of_the_pack_picks_a_threshold_meeting_its_aim(embedder: Embedder) -> None:
     folder = require_paraphrase_pack()
     report = calibrate(folder, embedder.embed_many, limit=300, min_hits=10)
-    for rule in ("cosine", "cosine+guard"):
+    assert set(report["rules"]) == {"cosine", "cosine+guard", "cosine+verifier"}
+    for rule in report["rules"]:
         r = report["rules"][rule]
         assert r["fit"]["hits"] >= 10
         assert r["fit"]["false_hit_share"] <= r["aimed_at"] + 1e-9
         assert r["target_met"] == (r["aimed_at"] == report["target_false_hit_share"])
         assert set(r["held_out"]) == set(SOURCES)
         assert 0.5 < r["threshold"] <= 1.0
+    # The verifier's threshold is chosen on out-of-fold probabilities of the fit part (checked above like the
+    # others'); its model comes with the report.
+    assert report["rules"]["cosine+verifier"]["min_similarity"] == MIN_SIMILARITY
+    assert report["verifier_model"]["features"] == list(FEATURES) and report["verifier_model"]["trees"]
 
 
 def test_the_guard_blocks_different_numbers_and_negations() -> None:
     assert compatible("How do I learn Python?", "What is the best way to learn Python?")
     assert not compatible("Best laptop under 500 dollars?", "Best laptop under 800 dollars?")
     assert not compatible("Can I take ibuprofen with coffee?", "Can't I take ibuprofen with coffee?")
+
+
+def test_features_see_word_order_numbers_and_question_words() -> None:
+    swapped = dict(zip(FEATURES, features("Flights from Chennai to Tirupur", "Flights from Tirupur to Chennai", 0.98),
+                       strict=True))
+    assert swapped["cosine"] == 0.98 and swapped["word_jaccard"] == 1.0
+    assert swapped["content_order_agreement"] < 1.0 and swapped["bigram_jaccard"] < 1.0
+    assert swapped["identical"] == 0.0 and len(swapped) == len(FEATURES)
+    same = dict(zip(FEATURES, features("How do I learn Python?", "how do I learn python ?", 0.99), strict=True))
+    assert same["identical"] == 1.0 and same["order_agreement"] == 1.0 and same["word_jaccard"] == 1.0
+    numbers = dict(zip(FEATURES, features("Answers to lesson 5", "Answers to lesson 3", 0.97), strict=True))
+    assert numbers["number_mismatch"] == 1.0 and numbers["negation_mismatch"] == 0.0
+    wh = dict(zip(FEATURES, features("Why is the sky blue?", "When is the sky blue?", 0.9), strict=True))
+    assert wh["wh_mismatch"] == 1.0 and wh["content_only_a"] == wh["content_only_b"] == 0.0
+
+
+def test_the_exported_trees_give_the_learner_s_probabilities() -> None:
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    rng = np.random.default_rng(1)
+    rows = rng.random((600, len(FEATURES)))
+    labels = rows[:, 0] + 0.3 * rows[:, 4] + rng.normal(0, 0.1, 600) > 0.8
+    learner = HistGradientBoostingClassifier(max_iter=20, max_leaf_nodes=7, random_state=0).fit(rows, labels)
+    model = export(learner)
+    ours = [probability(model, row.tolist()) for row in rows[:50]]
+    assert ours == pytest.approx(learner.predict_proba(rows[:50])[:, 1].tolist(), abs=1e-9)
+
+
+def test_the_shipped_verifier_refuses_a_word_swap_and_serves_a_restatement() -> None:
+    assert shipped_model()["threshold"] == DEFAULT_VERIFIER_THRESHOLD
+    assert shipped_model()["features"] == list(FEATURES)
+    question = "How do I get from Chennai to Tirupur by train?"
+    assert verify(question, "How do I get from Chennai to Tirupur by train ?", 0.999) >= DEFAULT_VERIFIER_THRESHOLD
+    assert verify(question, "How do I get from Tirupur to Chennai by train?", 0.98) < DEFAULT_VERIFIER_THRESHOLD
+    assert verify(question, question, MIN_SIMILARITY - 0.01) == 0.0

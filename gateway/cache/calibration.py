@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 
 from gateway.cache.guard import compatible
+from gateway.cache.verifier import MIN_SIMILARITY, features, probability
+from gateway.cache.verifier import fit as fit_verifier
 
 SOURCES = ("qqp", "paws_qqp", "paws_wiki", "mqp", "mrpc")
 MAIN = "qqp"
@@ -60,9 +62,9 @@ def load_pairs(folder: Path, source: str, limit: int | None = None) -> list[Pair
     return pairs
 
 
-def held_out(pairs: list[Pair], percent: int = HOLDOUT_PERCENT) -> np.ndarray:
-    """Which pairs are held out: whole groups of pairs linked by a shared text, chosen by a hash of the
-    group's smallest pair id, so that no text is in both parts."""
+def groups(pairs: list[Pair]) -> list[str]:
+    """Each pair's group: the smallest pair id among the pairs linked to it by a shared text (case and
+    spacing ignored)."""
     parent = list(range(len(pairs)))
 
     def root(i: int) -> int:
@@ -81,9 +83,15 @@ def held_out(pairs: list[Pair], percent: int = HOLDOUT_PERCENT) -> np.ndarray:
     for i, pair in enumerate(pairs):
         r = root(i)
         representative[r] = min(representative.get(r, pair.pair_id), pair.pair_id)
+    return [representative[root(i)] for i in range(len(pairs))]
+
+
+def held_out(pairs: list[Pair], percent: int = HOLDOUT_PERCENT) -> np.ndarray:
+    """Which pairs are held out: whole groups of pairs linked by a shared text, chosen by a hash of the
+    group's smallest pair id, so that no text is in both parts."""
     salt = b"frugal-semantic-holdout:"
-    return np.array([int(hashlib.sha256(salt + representative[root(i)].encode()).hexdigest(), 16) % 100 < percent
-                     for i in range(len(pairs))])
+    return np.array([int(hashlib.sha256(salt + group.encode()).hexdigest(), 16) % 100 < percent
+                     for group in groups(pairs)], dtype=bool)
 
 
 def pair_scores(pairs: list[Pair], embed: Embed) -> np.ndarray:
@@ -158,26 +166,53 @@ def curve(scores: np.ndarray, duplicate: np.ndarray) -> dict[str, list[float]]:
             "recall": recall[keep].round(4).tolist()}
 
 
-def calibrate(folder: Path, embed: Embed, *, limit: int | None = None, sources: tuple[str, ...] = SOURCES,
-              target: float = TARGET_FALSE_HIT_SHARE, min_hits: int = MIN_HITS) -> dict[str, Any]:
-    """Fit the threshold on QQP's fit part (cosine alone, and cosine + the guard), and report both on every
-    source's held-out part. `limit` reads only the first pairs of each source (for quick checks)."""
-    if MAIN not in sources:
-        raise ValueError(f"the threshold is fitted on {MAIN}; it must be among the sources")
-    data: dict[str, dict[str, np.ndarray]] = {}
-    for source in sources:
-        pairs = load_pairs(folder, source, limit)
-        data[source] = {"scores": pair_scores(pairs, embed), "duplicate": np.array([p.duplicate for p in pairs]),
-                        "guarded": np.array([compatible(p.text_a, p.text_b) for p in pairs]),
-                        "held_out": held_out(pairs)}
+def _verifier_scores(data: dict[str, dict[str, Any]]) -> tuple[dict[str, Any], np.ndarray, dict[str, np.ndarray]]:
+    """Fit the match verifier on QQP's fit part. Returns the exported model, its out-of-fold probabilities on
+    every fit pair (0 below the verifier's minimum cosine) and the fitted model's probabilities on every
+    pair of every source."""
     main = data[MAIN]
     fit = ~main["held_out"]
-    rules: dict[str, dict[str, Any]] = {}
-    for rule in ("cosine", "cosine+guard"):
-        def effective(d: dict[str, np.ndarray], rule: str = rule) -> np.ndarray:
-            return np.where(d["guarded"], d["scores"], -np.inf) if rule == "cosine+guard" else d["scores"]
+    candidate = fit & (main["scores"] >= MIN_SIMILARITY)
+    rows = np.array([features(p.text_a, p.text_b, float(c))
+                     for p, c, keep in zip(main["pairs"], main["scores"], candidate, strict=True) if keep])
+    model, out_of_fold = fit_verifier(rows, main["duplicate"][candidate], np.array(main["groups"])[candidate])
+    fit_scores = np.zeros(len(main["scores"]))
+    fit_scores[candidate] = out_of_fold
+    everywhere = {source: np.array([probability(model, features(p.text_a, p.text_b, float(c)))
+                                    if c >= MIN_SIMILARITY else 0.0
+                                    for p, c in zip(d["pairs"], d["scores"], strict=True)])
+                  for source, d in data.items()}
+    return model, fit_scores[fit], everywhere
 
-        fit_scores, fit_labels = effective(main)[fit], main["duplicate"][fit]
+
+def calibrate(folder: Path, embed: Embed, *, limit: int | None = None, sources: tuple[str, ...] = SOURCES,
+              target: float = TARGET_FALSE_HIT_SHARE, min_hits: int = MIN_HITS) -> dict[str, Any]:
+    """Fit each rule on QQP's fit part (cosine alone, cosine + the guard, cosine + the learned verifier) and
+    report it on every source's held-out part. `limit` reads only the first pairs of each source (for quick
+    checks). The verifier's fitted model is in the report under `verifier_model`."""
+    if MAIN not in sources:
+        raise ValueError(f"the threshold is fitted on {MAIN}; it must be among the sources")
+    data: dict[str, dict[str, Any]] = {}
+    for source in sources:
+        pairs = load_pairs(folder, source, limit)
+        data[source] = {"pairs": pairs, "scores": pair_scores(pairs, embed),
+                        "duplicate": np.array([p.duplicate for p in pairs], dtype=bool),
+                        "guarded": np.array([compatible(p.text_a, p.text_b) for p in pairs], dtype=bool),
+                        "groups": groups(pairs), "held_out": held_out(pairs)}
+    main = data[MAIN]
+    fit = ~main["held_out"]
+    model, verifier_fit_scores, verifier_scores = _verifier_scores(data)
+    # Each rule: its score of every pair of every source, and the scores its threshold is chosen on (the fit
+    # part of QQP; for the verifier, out-of-fold, never from a model that saw the pair).
+    rule_scores = {
+        "cosine": ({s: d["scores"] for s, d in data.items()}, main["scores"][fit]),
+        "cosine+guard": ({s: np.where(d["guarded"], d["scores"], -np.inf) for s, d in data.items()},
+                         np.where(main["guarded"], main["scores"], -np.inf)[fit]),
+        "cosine+verifier": (verifier_scores, verifier_fit_scores),
+    }
+    rules: dict[str, dict[str, Any]] = {}
+    for rule, (scores, fit_scores) in rule_scores.items():
+        fit_labels = main["duplicate"][fit]
         floor = lowest_false_hit_share(fit_scores, fit_labels, min_hits)
         met = floor <= target
         # When the labels themselves put a floor above the target (QQP does: near-identical questions
@@ -186,18 +221,19 @@ def calibrate(folder: Path, embed: Embed, *, limit: int | None = None, sources: 
         threshold = choose_threshold(fit_scores, fit_labels, aim, min_hits)
         report: dict[str, Any] = {"threshold": round(threshold, 4), "target_met": met,
                                   "lowest_false_hit_share_on_fit": round(floor, 4), "aimed_at": round(aim, 4),
-                                  "fit": measure(effective(main)[fit], main["duplicate"][fit], threshold),
-                                  "held_out": {}}
+                                  "fit": measure(fit_scores, fit_labels, threshold), "held_out": {}}
         for source, d in data.items():
             part = d["held_out"]
             share = NATURAL_QQP_DUPLICATE_SHARE if source == MAIN else None
-            report["held_out"][source] = measure(effective(d)[part], d["duplicate"][part], threshold, share)
-        report["curve"] = curve(effective(main)[main["held_out"]], main["duplicate"][main["held_out"]])
+            report["held_out"][source] = measure(scores[source][part], d["duplicate"][part], threshold, share)
+        report["curve"] = curve(scores[MAIN][main["held_out"]], main["duplicate"][main["held_out"]])
         rules[rule] = report
+    rules["cosine+verifier"]["min_similarity"] = MIN_SIMILARITY
     return {"target_false_hit_share": target, "min_hits": min_hits, "holdout_percent": HOLDOUT_PERCENT,
             "pairs": {s: {"fit": int((~d["held_out"]).sum()), "held_out": int(d["held_out"].sum())}
                       for s, d in data.items()},
-            "rules": rules}
+            "rules": rules, "verifier_model": model | {"threshold": choose_threshold(
+                verifier_fit_scores, main["duplicate"][fit], rules["cosine+verifier"]["aimed_at"], min_hits)}}
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
@@ -218,7 +254,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     axes.axhline(1 - report["target_false_hit_share"], color="grey", linestyle=":", label="target: 1% false hits")
     axes.set_xlabel("recall (duplicates served from the cache)")
     axes.set_ylabel("precision (1 − false-hit share)")
-    axes.set_title("Semantic cache on held-out QQP pairs (MiniLM cosine)")
+    axes.set_title("Semantic cache on held-out QQP pairs (MiniLM cosine, guard, verifier)")
     axes.set_ylim(0.5, 1.005)
     axes.legend(loc="lower left", fontsize=8)
     axes.grid(alpha=0.3)

@@ -1,0 +1,169 @@
+"""A learned check on a semantic-cache hit: given the cached question, the new one and their cosine, the
+probability that a human would call them the same question.
+
+Cosine alone cannot see word order ("from Chennai to Tirupur"), one changed token ("Lesson 5" / "Lesson 3")
+or a different question word. The features below are cheap string statistics of the pair (~0.1 ms); a small
+gradient-boosted tree model fitted on the fit part of QQP (`frugal cache calibrate --verifier-out`, see
+docs/semantic-cache.md) weighs them. The fitted trees ship as `verifier.json` beside this file and are
+evaluated here in plain Python: no scikit-learn at lookup time.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from gateway.cache.guard import _NEGATION, _NUMBER
+
+if TYPE_CHECKING:
+    import numpy as np
+
+#: Candidates below this cosine are never hits; the verifier only judges those at or above it.
+MIN_SIMILARITY = 0.85
+#: The probability at or above which a candidate is served, chosen on cross-validated predictions of the fit
+#: part of QQP (the same value as `threshold` in verifier.json; a test keeps them equal).
+DEFAULT_VERIFIER_THRESHOLD = 0.9460490840726498
+MODEL_PATH = Path(__file__).with_name("verifier.json")
+#: The learner's settings (scikit-learn's HistGradientBoostingClassifier), chosen by the cross-validated
+#: false-hit floor on the fit part.
+TREES = {"max_iter": 60, "learning_rate": 0.1, "max_leaf_nodes": 7, "min_samples_leaf": 40}
+FOLDS = 5
+
+_WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
+_STOP = frozenset(
+    "a an the is are was were be been being am do does did doing have has had i me my we our you your he she "
+    "it its they them their this that these those of in on at to for from by with about as into than then "
+    "and or but if so can could would should will shall may might must what which who whom whose when where "
+    "why how there here s t just very really some any all most more much many get got best way ways good "
+    "one ever also out up".split())
+_WH = ("what", "which", "who", "whom", "whose", "when", "where", "why", "how")
+
+FEATURES = (
+    "cosine", "word_jaccard", "char3_jaccard", "bigram_jaccard", "order_agreement", "content_order_agreement",
+    "length_ratio",
+    "content_only_a", "content_only_b", "number_mismatch", "negation_mismatch", "wh_mismatch", "identical",
+)
+
+
+def _words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+def _jaccard(a: set[str] | set[tuple[str, str]], b: set[str] | set[tuple[str, str]]) -> float:
+    union = len(a | b)
+    return len(a & b) / union if union else 1.0
+
+
+def _char3(text: str) -> set[str]:
+    s = " ".join(text.lower().split())
+    return {s[i:i + 3] for i in range(max(1, len(s) - 2))}
+
+
+def _order_agreement(a: list[str], b: list[str]) -> float:
+    """Share of pairs of shared words that stand in the same relative order in both texts (1.0 when fewer than
+    two words are shared): "Chennai to Tirupur" / "Tirupur to Chennai" score low."""
+    first_b: dict[str, int] = {}
+    for i, w in enumerate(b):
+        first_b.setdefault(w, i)
+    seen: set[str] = set()
+    positions = []
+    for w in a:
+        if w in first_b and w not in seen:
+            seen.add(w)
+            positions.append(first_b[w])
+    n = len(positions)
+    if n < 2:
+        return 1.0
+    concordant = sum(1 for i in range(n) for j in range(i + 1, n) if positions[i] < positions[j])
+    return concordant / (n * (n - 1) / 2)
+
+
+def _wh(words: list[str]) -> frozenset[str]:
+    return frozenset(w for w in words if w in _WH)
+
+
+def features(cached_question: str, new_question: str, similarity: float) -> list[float]:
+    """The pair's features, in the order of `FEATURES`."""
+    wa, wb = _words(cached_question), _words(new_question)
+    sa, sb = set(wa), set(wb)
+    ca, cb = sa - _STOP, sb - _STOP
+    la, lb = len(cached_question.strip()), len(new_question.strip())
+    numbers_a = sorted(n.replace(",", "") for n in _NUMBER.findall(cached_question))
+    numbers_b = sorted(n.replace(",", "") for n in _NUMBER.findall(new_question))
+    return [
+        similarity,
+        _jaccard(sa, sb),
+        _jaccard(_char3(cached_question), _char3(new_question)),
+        _jaccard(set(zip(wa, wa[1:], strict=False)), set(zip(wb, wb[1:], strict=False))),
+        _order_agreement(wa, wb),
+        _order_agreement([w for w in wa if w not in _STOP], [w for w in wb if w not in _STOP]),
+        min(la, lb) / max(la, lb, 1),
+        math.log1p(len(ca - cb)),
+        math.log1p(len(cb - ca)),
+        float(numbers_a != numbers_b),
+        float(len(_NEGATION.findall(cached_question)) != len(_NEGATION.findall(new_question))),
+        float(_wh(wa) != _wh(wb)),
+        float(wa == wb),
+    ]
+
+
+def _tree_value(nodes: list[list[float]], row: list[float]) -> float:
+    """One exported tree: nodes [feature, threshold, left, right, value, is_leaf]; x ≤ threshold goes left."""
+    node = nodes[0]
+    while not node[5]:
+        node = nodes[int(node[2]) if row[int(node[0])] <= node[1] else int(node[3])]
+    return node[4]
+
+
+def probability(model: dict[str, Any], row: list[float]) -> float:
+    """The model's probability for one feature row (as `features` returns it)."""
+    raw = model["baseline"] + sum(_tree_value(tree, row) for tree in model["trees"])
+    return 1.0 / (1.0 + math.exp(-raw))
+
+
+@functools.cache
+def shipped_model() -> dict[str, Any]:
+    """The fitted model in verifier.json (read on first use, not at import)."""
+    model: dict[str, Any] = json.loads(MODEL_PATH.read_text())
+    if model["features"] != list(FEATURES):
+        raise ValueError(f"{MODEL_PATH} was fitted on other features: {model['features']}")
+    return model
+
+
+def verify(cached_question: str, new_question: str, similarity: float) -> float:
+    """The probability that `new_question` may be served `cached_question`'s answer; 0.0 below
+    `MIN_SIMILARITY`. Serve when it is ≥ `DEFAULT_VERIFIER_THRESHOLD`."""
+    if similarity < MIN_SIMILARITY:
+        return 0.0
+    return probability(shipped_model(), features(cached_question, new_question, similarity))
+
+
+def fit(rows: np.ndarray, duplicate: np.ndarray, groups: np.ndarray,
+        folds: int = FOLDS) -> tuple[dict[str, Any], np.ndarray]:
+    """Fit the trees on `rows` (features of pairs at or above `MIN_SIMILARITY`). Returns the exported model
+    and out-of-fold probabilities (folds by `groups`, so that no text is on both sides of a fold), from which
+    the threshold is chosen without scoring a pair with a model that saw it."""
+    import numpy as np
+    from sklearn.ensemble import HistGradientBoostingClassifier
+    from sklearn.model_selection import GroupKFold
+
+    def learner() -> HistGradientBoostingClassifier:
+        return HistGradientBoostingClassifier(**TREES, random_state=0)
+
+    out_of_fold = np.zeros(len(rows))
+    for train, test in GroupKFold(folds).split(rows, duplicate, groups):
+        out_of_fold[test] = learner().fit(rows[train], duplicate[train]).predict_proba(rows[test])[:, 1]
+    return export(learner().fit(rows, duplicate)), out_of_fold
+
+
+def export(model: Any) -> dict[str, Any]:
+    """A fitted HistGradientBoostingClassifier as plain numbers (binary, numeric features, no missing values)."""
+    trees = [[[int(n["feature_idx"]), float(n["num_threshold"]), int(n["left"]), int(n["right"]),
+               float(n["value"]), int(n["is_leaf"])] for n in predictors[0].nodes]
+             for predictors in model._predictors]
+    return {"features": list(FEATURES), "min_similarity": MIN_SIMILARITY, "learner": TREES,
+            "baseline": float(model._baseline_prediction.ravel()[0]), "trees": trees}
