@@ -229,8 +229,14 @@ class SemanticCacheConfig(_Strict):
     """The semantic cache: a paraphrase of a cached question, in the same context, gets the cached answer."""
 
     enabled: bool = False
-    #: Cosine similarity a match needs; None = the calibrated default (docs/semantic-cache.md).
+    #: Cosine similarity a match needs; None = the calibrated default (docs/semantic-cache.md), or the
+    #: verifier's floor (0.85) when `verifier` is on.
     threshold: float | None = Field(default=None, gt=0, le=1)
+    #: Also judge each candidate with the learned verifier (fewer wrong answers, fewer hits; measured in
+    #: docs/semantic-cache.md).
+    verifier: bool = False
+    #: The verifier's probability a hit needs; None = its calibrated default.
+    verifier_threshold: float | None = Field(default=None, gt=0, lt=1)
     ttl_s: float = Field(default=3600.0, gt=0)
     max_entries: int = Field(default=100_000, ge=1)
 

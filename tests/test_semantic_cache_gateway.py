@@ -87,3 +87,21 @@ def test_replicas_share_semantic_entries_through_redis(
     hit = ask(two, PARAPHRASE)
     assert hit.headers["x-frugal-cache"] == "semantic-hit"
     assert upstream_calls(standin_server, upstream) == 1
+
+
+def test_the_verifier_refuses_a_word_swap_that_cosine_alone_serves(
+        make_gateway: Callable[..., Gateway], standin_server: Service, models_env: dict[str, str]) -> None:
+    question = "How do I get from Chennai to Tirupur by train?"
+    swapped = "How do I get from Tirupur to Chennai by train?"  # cosine 0.994: another question
+    restated = "How do I get from Chennai to Tirupur by train ?"
+    plain_upstream, verified_upstream = (f"alpha-{uuid.uuid4().hex[:8]}" for _ in range(2))
+    plain = make_gateway(config(standin_server, plain_upstream), env=models_env)
+    verified_config = config(standin_server, verified_upstream)
+    verified_config["cache"]["semantic"]["verifier"] = True
+    verified = make_gateway(verified_config, env=models_env)
+    for gw in (plain, verified):
+        assert ask(gw, question).headers["x-frugal-cache"] == "miss"
+    assert ask(plain, swapped).headers["x-frugal-cache"] == "semantic-hit"  # the false hit cosine makes
+    assert ask(verified, swapped).headers["x-frugal-cache"] == "miss"
+    assert ask(verified, restated).headers["x-frugal-cache"] == "semantic-hit"
+    assert upstream_calls(standin_server, verified_upstream) == 2

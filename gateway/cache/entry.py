@@ -32,6 +32,8 @@ class CachedResponse:
     #: What producing it cost (every attempt, every tier): what each hit saves.
     cost_usd: float
     stored_at: float = field(default_factory=time.time)
+    #: The question it answers (the semantic cache's verifier compares a new question with it).
+    question: str | None = None
 
     @classmethod
     def from_result(cls, result: GenerationResult, cost_usd: float, now: float | None = None) -> CachedResponse:
@@ -45,6 +47,7 @@ class CachedResponse:
             "usage": [self.usage.prompt_tokens, self.usage.completion_tokens, self.usage.estimated],
             "cost_usd": self.cost_usd,
             "stored_at": self.stored_at,
+            "question": self.question,
         })
 
     @classmethod
@@ -58,6 +61,7 @@ class CachedResponse:
             usage=Usage(prompt_tokens, completion_tokens, estimated),
             cost_usd=float(body["cost_usd"]),
             stored_at=float(body["stored_at"]),
+            question=body.get("question"),
         )
 
     def age_s(self, now: float | None = None) -> float:

@@ -52,6 +52,9 @@ class SemanticLayer:
     index: VectorIndex
     threshold: float
     ttl_s: float
+    #: Verifier (docs/semantic-cache.md): candidates from `threshold` up (then `MIN_SIMILARITY`) are served
+    #: only when `verify(cached question, new question, cosine)` reaches this; None = cosine alone.
+    verifier_threshold: float | None = None
 
 
 @dataclass(slots=True)
@@ -105,9 +108,18 @@ class ResponseCache:
             match = await self.semantic.index.lookup(lookup.partition, lookup.vector, self.semantic.threshold)
             if match is not None and match.entry_key != lookup.key:
                 entry = await self._load(match.entry_key, directives)
-                if entry is not None:
+                if entry is not None and self._verified(entry, lookup.question, match.similarity):
                     lookup.result, lookup.entry, lookup.similarity = "semantic-hit", entry, match.similarity
         return lookup
+
+    def _verified(self, entry: CachedResponse, question: str, similarity: float) -> bool:
+        assert self.semantic is not None
+        if self.semantic.verifier_threshold is None:
+            return True
+        from gateway.cache.verifier import verify  # noqa: PLC0415 (loads the shipped trees once)
+
+        return entry.question is not None and verify(entry.question, question, similarity) >= \
+            self.semantic.verifier_threshold
 
     async def _load(self, key: str, directives: CacheDirectives) -> CachedResponse | None:
         raw = await self.store.get(key)
@@ -126,6 +138,7 @@ class ResponseCache:
         """Store the answer to a request that missed (and may be stored)."""
         if not lookup.write or lookup.key is None or lookup.entry is not None:
             return
+        entry.question = lookup.question
         await self.store.set(lookup.key, entry.to_bytes(), self.ttl_s)
         if self.semantic is not None and lookup.question is not None and lookup.partition is not None:
             if lookup.vector is None:

@@ -22,8 +22,9 @@ def build_response_cache(config: CacheConfig) -> ResponseCache | None:
     else:
         store = MemoryResponseStore(config.exact.max_entries, int(config.exact.max_mib * 1024 * 1024))
     semantic = _semantic_layer(config) if config.semantic.enabled else None
-    log.info("response cache: exact in %s%s", "Redis" if config.redis_url else "process",
-             f", semantic at similarity >= {semantic.threshold:.3f}" if semantic else "")
+    log.info("response cache: exact in %s%s%s", "Redis" if config.redis_url else "process",
+             f", semantic at similarity >= {semantic.threshold:.3f}" if semantic else "",
+             " with the verifier" if semantic and semantic.verifier_threshold is not None else "")
     return ResponseCache(store, ttl_s=config.exact.ttl_s, only_deterministic=config.exact.only_deterministic,
                          shared=config.scope == "shared", semantic=semantic)
 
@@ -39,5 +40,12 @@ def _semantic_layer(config: CacheConfig) -> SemanticLayer:
     semantic = config.semantic
     index = (RedisSemanticIndex(config.redis_url, prefix=config.redis_prefix + "sem:", max_entries=semantic.max_entries)
              if config.redis_url else MemorySemanticIndex(max_entries=semantic.max_entries))
-    threshold = semantic.threshold if semantic.threshold is not None else DEFAULT_SIMILARITY_THRESHOLD
-    return SemanticLayer(Embedder(), index, threshold, semantic.ttl_s)
+    verifier_threshold = None
+    default_threshold = DEFAULT_SIMILARITY_THRESHOLD
+    if semantic.verifier:
+        from gateway.cache.verifier import DEFAULT_VERIFIER_THRESHOLD, MIN_SIMILARITY  # noqa: PLC0415
+
+        default_threshold = MIN_SIMILARITY
+        verifier_threshold = semantic.verifier_threshold or DEFAULT_VERIFIER_THRESHOLD
+    threshold = semantic.threshold if semantic.threshold is not None else default_threshold
+    return SemanticLayer(Embedder(), index, threshold, semantic.ttl_s, verifier_threshold)
