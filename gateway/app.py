@@ -18,6 +18,7 @@ from starlette.responses import Response
 from gateway.auth import KeyStore
 from gateway.backends import build_backend, build_cascades
 from gateway.completions import CompletionsEndpoint
+from gateway.compression import build_compression
 from gateway.errors import APIError, model_not_found
 from gateway.ledger import Ledger
 from gateway.metrics import GatewayMetrics
@@ -76,6 +77,7 @@ def create_app(config: FrugalConfig, *, backends: dict[str, Backend] | None = No
         timeouts={m.name: m.timeout_s for m in config.models},
         retry=RetryPolicy(config.retry.backoff_base_s, config.retry.backoff_max_s),
         cooldown=Cooldown(config.cooldown.failures, config.cooldown.window_s, config.cooldown.cooldown_s),
+        compression=build_compression(config),
     )
     cascades = CascadeRunner(router, build_cascades(config))
     keys = KeyStore(config.auth, config.limits.requests_per_minute)

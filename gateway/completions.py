@@ -77,6 +77,12 @@ def cascade_headers(trace: DecisionTrace) -> dict[str, str]:
     return headers
 
 
+def compression_headers(trace: DecisionTrace) -> dict[str, str]:
+    """`x-frugal-compression`: per model that answered, what compression did (docs/compression.md)."""
+    return {"x-frugal-compression": ",".join(f"{c.model}:{c.outcome}:{c.ratio:.3f}" for c in trace.compressions),
+            "x-frugal-compression-tokens-removed": str(sum(c.tokens_removed for c in trace.compressions))}
+
+
 class SettledStreamingResponse(StreamingResponse):
     """A streaming response that always runs `settle` when it ends, however it ends (shielded from
     cancellation), so a stream is accounted for even if its body never started."""
@@ -131,6 +137,7 @@ class CompletionsEndpoint:
             generation = parsed.generation
             generation.timeout_s = self.default_timeout_s
             generation.tenant = client.key_id
+            generation.compress = request.headers.get("x-frugal-compress", "").strip().lower() != "off"
             if parsed.stream:
                 if cascade is not None:
                     opened = await self.cascades.open_stream(cascade, generation, trace)
@@ -165,6 +172,8 @@ class CompletionsEndpoint:
                 headers["x-frugal-model"] = trace.model
             if trace.tiers:
                 headers.update(cascade_headers(trace))
+            if trace.compressions:
+                headers.update(compression_headers(trace))
         return headers
 
     def _complete(self, kind: RequestKind, result: GenerationResult, record: RequestRecord) -> Response:

@@ -160,6 +160,24 @@ def drop_order(scored: Scored, text: str, words: bool = True) -> tuple[list[tupl
     return units, scores, fixed
 
 
+def units_to_keep(units: list[tuple[int, int]], scores: np.ndarray, fixed: np.ndarray,
+                  target_ratio: float) -> np.ndarray:
+    """Which units stay: the lowest-scored droppable units go first (ties: the earlier first) until at most
+    `target_ratio` of the tokens are left, or nothing droppable is."""
+    count = units[-1][1] if units else 0
+    to_remove = count - int(np.ceil(target_ratio * count))
+    keep = np.ones(len(units), dtype=bool)
+    removed = 0
+    for unit in np.lexsort((np.arange(len(units)), scores)):
+        if removed >= to_remove:
+            break
+        if fixed[unit] or not np.isfinite(scores[unit]):
+            continue
+        keep[unit] = False
+        removed += units[unit][1] - units[unit][0]
+    return keep
+
+
 def compress_text(scored: Scored, text: str, target_ratio: float, words: bool = True) -> CompressedText:
     """`text` without its least informative units, down to `target_ratio` of its tokens (or as close as the
     units that must stay allow)."""
@@ -167,23 +185,12 @@ def compress_text(scored: Scored, text: str, target_ratio: float, words: bool = 
     if count == 0:
         return CompressedText(text, 0, 0)
     units, scores, fixed = drop_order(scored, text, words)
-    to_remove = count - int(np.ceil(target_ratio * count))
-    keep = np.ones(len(units), dtype=bool)
-    removed = 0
-    order = np.lexsort((np.arange(len(units)), scores))  # lowest surprisal first; ties: earlier first
-    for unit in order:
-        if removed >= to_remove:
-            break
-        if fixed[unit] or not np.isfinite(scores[unit]):
-            continue
-        keep[unit] = False
-        removed += units[unit][1] - units[unit][0]
-    pieces = []
+    keep = units_to_keep(units, scores, fixed, target_ratio)
     bounds = np.concatenate([scored.starts[1:], [len(text)]])  # a token's text runs to the next one's start
-    for (a, b), kept in zip(units, keep, strict=True):
-        if kept:
-            pieces.append(text[(0 if a == 0 else scored.starts[a]):bounds[b - 1]])
-    return CompressedText("".join(pieces), count, count - removed)
+    pieces = [text[(0 if a == 0 else scored.starts[a]):bounds[b - 1]]
+              for (a, b), kept in zip(units, keep, strict=True) if kept]
+    return CompressedText("".join(pieces), count, sum(b - a for (a, b), kept in zip(units, keep, strict=True)
+                                                      if kept))
 
 
 class Compressor:
