@@ -22,7 +22,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 
@@ -33,6 +33,8 @@ from workers.pricing import TokenPrice
 #: A word starts at a token whose text begins with a space or a line break, or that is punctuation.
 _WORD_START = re.compile(r"^[\s]|^[^\w\s]")
 _PARAGRAPH = re.compile(r"\n\s*\n")
+UnitScore = Literal["sum", "mean", "max"]
+_AGGREGATES: dict[str, Callable[[np.ndarray], float]] = {"sum": np.sum, "mean": np.mean, "max": np.max}
 
 
 class Scored(Protocol):
@@ -61,6 +63,8 @@ class CompressionPolicy:
     keep_recent: int = 2
     #: Drop whole words (True) or single tokens (False).
     words: bool = True
+    #: How a word's tokens' surprisal makes its score (measured in docs/compression.md).
+    unit_score: UnitScore = "sum"
     #: Only before models whose input price, in USD per million tokens, is at least this.
     min_input_usd_per_mtok: float = 0.0
 
@@ -140,10 +144,11 @@ def _split_last_paragraph(text: str) -> tuple[str, str]:
     return (text[:matches[-1].end()], text[matches[-1].end():]) if matches else ("", text)
 
 
-def drop_order(scored: Scored, text: str, words: bool = True) -> tuple[list[tuple[int, int]], np.ndarray,
-                                                                        np.ndarray]:
-    """The units a text can lose: their token ranges [(first, end)], their scores (mean surprisal) and a
-    mask of units that are never dropped (line breaks). Units are words or single tokens."""
+def drop_order(scored: Scored, text: str, words: bool = True,
+               unit_score: UnitScore = "sum") -> tuple[list[tuple[int, int]], np.ndarray, np.ndarray]:
+    """The units a text can lose: their token ranges [(first, end)], their scores (the sum, mean or max of
+    their tokens' surprisal) and a mask of units that are never dropped (line breaks). Units are words or
+    single tokens."""
     count = len(scored.surprisal)
     starts = [0]
     if words:
@@ -155,7 +160,8 @@ def drop_order(scored: Scored, text: str, words: bool = True) -> tuple[list[tupl
     else:
         starts = list(range(count))
     units = list(zip(starts, [*starts[1:], count], strict=True))
-    scores = np.array([float(np.mean(scored.surprisal[a:b])) for a, b in units])
+    aggregate = _AGGREGATES[unit_score]
+    scores = np.array([float(aggregate(scored.surprisal[a:b])) for a, b in units])
     fixed = np.array(["\n" in text[scored.starts[a]:scored.ends[b - 1]] for a, b in units], dtype=bool)
     return units, scores, fixed
 
@@ -178,13 +184,14 @@ def units_to_keep(units: list[tuple[int, int]], scores: np.ndarray, fixed: np.nd
     return keep
 
 
-def compress_text(scored: Scored, text: str, target_ratio: float, words: bool = True) -> CompressedText:
+def compress_text(scored: Scored, text: str, target_ratio: float, words: bool = True,
+                  unit_score: UnitScore = "sum") -> CompressedText:
     """`text` without its least informative units, down to `target_ratio` of its tokens (or as close as the
     units that must stay allow)."""
     count = len(scored.surprisal)
     if count == 0:
         return CompressedText(text, 0, 0)
-    units, scores, fixed = drop_order(scored, text, words)
+    units, scores, fixed = drop_order(scored, text, words, unit_score)
     keep = units_to_keep(units, scores, fixed, target_ratio)
     bounds = np.concatenate([scored.starts[1:], [len(text)]])  # a token's text runs to the next one's start
     pieces = [text[(0 if a == 0 else scored.starts[a]):bounds[b - 1]]
@@ -226,7 +233,7 @@ class Compressor:
         messages = [dict(m) for m in request.messages]
         prompt = request.prompt
         for part, tokens in scored:
-            done = compress_text(tokens, part.text, policy.target_ratio, policy.words)
+            done = compress_text(tokens, part.text, policy.target_ratio, policy.words, policy.unit_score)
             outcome.texts.append(done)
             if part.index == -1:
                 prompt = part.prefix + done.text + part.suffix
