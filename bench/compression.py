@@ -146,9 +146,9 @@ def main() -> None:
     parser.add_argument("--layers", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--head-vocab", type=int, default=4096)
     parser.add_argument("--ratio", type=float, nargs="+", default=[0.5])
-    parser.add_argument("--tokens", action="store_true", help="also drop single tokens instead of words")
-    parser.add_argument("--unit-score", nargs="+", default=["sum"], choices=["sum", "mean", "max"],
-                        help="how a word's token surprisals make its score")
+    parser.add_argument("--units", nargs="+", default=["word", "sentence"], choices=["word", "token", "sentence"])
+    parser.add_argument("--unit-score", nargs="+", default=["default"], choices=["default", "sum", "mean", "max"],
+                        help="how a unit's token surprisals make its score (default: sum; mean for sentences)")
     parser.add_argument("--runs", type=int, default=5, help="latency runs")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", action="store_true")
@@ -162,21 +162,21 @@ def main() -> None:
     results: dict = {"task": {"items": args.items, "facts": args.facts, "filler_sentences": args.filler,
                               "chance": 1 / args.facts},
                      "uncompressed": evaluate(generator, items, None, CompressionPolicy()), "runs": []}
-    granularities = [True, False] if args.tokens else [True]
     first = next(iter(models.values()))
     for ratio in args.ratio:
-        for words in granularities:
-            for unit_score in args.unit_score if words else ["sum"]:
-                policy = CompressionPolicy(target_ratio=ratio, min_prompt_tokens=0, words=words, unit_score=unit_score)
+        for unit in args.units:
+            for unit_score in args.unit_score:
+                chosen = None if unit_score == "default" else unit_score
+                policy = CompressionPolicy(target_ratio=ratio, min_prompt_tokens=0, unit=unit, unit_score=chosen)
                 scorers: list[tuple[str, TokenScorer]] = [(f"surprisal, {k} layers", m) for k, m in models.items()]
-                if unit_score == "sum":
+                if chosen is None:
                     scorers.append(("random drop", BaselineScorer(first, "random")))
-                    if words:
+                    if unit == "word":
                         scorers.append(("longest words stay", BaselineScorer(first, "length")))
                 for name, scorer in scorers:
                     run = evaluate(generator, items, scorer, policy)
-                    unit = f"word ({unit_score})" if words else "token"
-                    run.update({"scorer": name, "target_ratio": ratio, "unit": unit})
+                    run.update({"scorer": name, "target_ratio": ratio,
+                                "unit": unit if chosen is None else f"{unit} ({chosen})"})
                     results["runs"].append(run)
                     print(f"  {name} ratio {ratio} {unit}: {run['accuracy']:.1%}", file=sys.stderr)
     text = "\n\n".join(item.messages[0]["content"] for item in items[:3])

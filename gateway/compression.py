@@ -14,7 +14,7 @@ from router.compression import CompressionPolicy, CompressionRules, Compressor, 
 
 def _policy(block: CompressionConfig) -> CompressionPolicy:
     return CompressionPolicy(target_ratio=block.target_ratio, min_prompt_tokens=block.min_prompt_tokens,
-                             keep_recent=block.keep_recent, words=block.words,
+                             keep_recent=block.keep_recent, unit=block.unit,
                              min_input_usd_per_mtok=block.min_input_usd_per_mtok)
 
 

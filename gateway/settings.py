@@ -59,15 +59,15 @@ class CompressionConfig(_Strict):
     min_prompt_tokens: int = Field(default=500, ge=0)
     #: The last messages of a chat that are never compressed (the last user message never is).
     keep_recent: int = Field(default=2, ge=0)
-    #: Drop whole words (readable) rather than single tokens.
-    words: bool = True
+    #: What is dropped: whole words (readable), single tokens, or whole sentences.
+    unit: Literal["word", "token", "sentence"] = "word"
 
 
 class CompressorConfig(_Strict):
     """The local scoring model that compression uses (built from SmolLM2 on first use, then shared)."""
 
     #: Decoder layers of SmolLM2-135M kept in the early-exit scoring model (of 30).
-    layers: int = Field(default=2, ge=1, le=30)
+    layers: int = Field(default=1, ge=1, le=30)
     #: Output rows the log-probabilities are normalized over (the most frequent tokens).
     head_vocab: int = Field(default=4096, ge=256)
     #: Tokens scored in one pass; longer texts are scored window by window.

@@ -34,6 +34,7 @@ from workers.pricing import TokenPrice
 _WORD_START = re.compile(r"^[\s]|^[^\w\s]")
 _PARAGRAPH = re.compile(r"\n\s*\n")
 UnitScore = Literal["sum", "mean", "max"]
+Unit = Literal["word", "token", "sentence"]
 _AGGREGATES: dict[str, Callable[[np.ndarray], float]] = {"sum": np.sum, "mean": np.mean, "max": np.max}
 
 
@@ -61,10 +62,11 @@ class CompressionPolicy:
     min_prompt_tokens: int = 500
     #: The last messages of a chat kept verbatim (the question is always kept).
     keep_recent: int = 2
-    #: Drop whole words (True) or single tokens (False).
-    words: bool = True
-    #: How a word's tokens' surprisal makes its score (measured in docs/compression.md).
-    unit_score: UnitScore = "sum"
+    #: What is dropped: whole words, single tokens, or whole sentences.
+    unit: Unit = "word"
+    #: How a unit's tokens' surprisal makes its score; default: the sum for words and tokens (a word's
+    #: self-information), the mean for sentences (information per token kept). Measured: docs/compression.md.
+    unit_score: UnitScore | None = None
     #: Only before models whose input price, in USD per million tokens, is at least this.
     min_input_usd_per_mtok: float = 0.0
 
@@ -144,23 +146,24 @@ def _split_last_paragraph(text: str) -> tuple[str, str]:
     return (text[:matches[-1].end()], text[matches[-1].end():]) if matches else ("", text)
 
 
-def drop_order(scored: Scored, text: str, words: bool = True,
-               unit_score: UnitScore = "sum") -> tuple[list[tuple[int, int]], np.ndarray, np.ndarray]:
+def _starts_unit(text: str, scored: Scored, i: int, unit: Unit) -> bool:
+    piece = text[scored.starts[i]:scored.ends[i]]
+    previous = text[scored.starts[i - 1]:scored.starts[i]]  # with any space the tokenizer left out of spans
+    if unit == "token" or "\n" in piece or "\n" in previous:  # a line break is a unit of its own
+        return True
+    if unit == "sentence":
+        return previous.rstrip().endswith((".", "!", "?", ":", ";"))
+    return bool(previous[len(previous.rstrip()):]) or bool(_WORD_START.match(piece))
+
+
+def drop_order(scored: Scored, text: str, unit: Unit = "word",
+               unit_score: UnitScore | None = None) -> tuple[list[tuple[int, int]], np.ndarray, np.ndarray]:
     """The units a text can lose: their token ranges [(first, end)], their scores (the sum, mean or max of
-    their tokens' surprisal) and a mask of units that are never dropped (line breaks). Units are words or
-    single tokens."""
+    their tokens' surprisal) and a mask of units that are never dropped (line breaks)."""
     count = len(scored.surprisal)
-    starts = [0]
-    if words:
-        for i in range(1, count):
-            piece = text[scored.starts[i]:scored.ends[i]]
-            before = text[scored.ends[i - 1]:scored.starts[i]]  # whitespace the tokenizer left out of spans
-            if before or _WORD_START.match(piece):
-                starts.append(i)
-    else:
-        starts = list(range(count))
+    starts = [0] + [i for i in range(1, count) if _starts_unit(text, scored, i, unit)]
     units = list(zip(starts, [*starts[1:], count], strict=True))
-    aggregate = _AGGREGATES[unit_score]
+    aggregate = _AGGREGATES[unit_score or ("mean" if unit == "sentence" else "sum")]
     scores = np.array([float(aggregate(scored.surprisal[a:b])) for a, b in units])
     fixed = np.array(["\n" in text[scored.starts[a]:scored.ends[b - 1]] for a, b in units], dtype=bool)
     return units, scores, fixed
@@ -184,14 +187,14 @@ def units_to_keep(units: list[tuple[int, int]], scores: np.ndarray, fixed: np.nd
     return keep
 
 
-def compress_text(scored: Scored, text: str, target_ratio: float, words: bool = True,
-                  unit_score: UnitScore = "sum") -> CompressedText:
+def compress_text(scored: Scored, text: str, target_ratio: float, unit: Unit = "word",
+                  unit_score: UnitScore | None = None) -> CompressedText:
     """`text` without its least informative units, down to `target_ratio` of its tokens (or as close as the
     units that must stay allow)."""
     count = len(scored.surprisal)
     if count == 0:
         return CompressedText(text, 0, 0)
-    units, scores, fixed = drop_order(scored, text, words, unit_score)
+    units, scores, fixed = drop_order(scored, text, unit, unit_score)
     keep = units_to_keep(units, scores, fixed, target_ratio)
     bounds = np.concatenate([scored.starts[1:], [len(text)]])  # a token's text runs to the next one's start
     pieces = [text[(0 if a == 0 else scored.starts[a]):bounds[b - 1]]
@@ -233,7 +236,7 @@ class Compressor:
         messages = [dict(m) for m in request.messages]
         prompt = request.prompt
         for part, tokens in scored:
-            done = compress_text(tokens, part.text, policy.target_ratio, policy.words, policy.unit_score)
+            done = compress_text(tokens, part.text, policy.target_ratio, policy.unit, policy.unit_score)
             outcome.texts.append(done)
             if part.index == -1:
                 prompt = part.prefix + done.text + part.suffix

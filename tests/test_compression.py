@@ -76,12 +76,12 @@ def test_a_completion_prompt_keeps_its_last_paragraph() -> None:
 def test_words_group_their_tokens_and_line_breaks_are_fixed() -> None:
     text = " The cat sat.\n Dogs"
     tokens = scored(text, [" The", " c", "at", " sat", ".", "\n", " Dog", "s"], [1, 5, 1, 2, 3, 0, 4, 1])
-    units, scores, fixed = drop_order(tokens, text, words=True)
+    units, scores, fixed = drop_order(tokens, text)
     assert units == [(0, 1), (1, 3), (3, 4), (4, 5), (5, 6), (6, 8)]
     assert scores.tolist() == [1, 6, 2, 3, 0, 5]  # a word's information is the sum of its tokens'
     assert fixed.tolist() == [False, False, False, False, True, False]
-    assert drop_order(tokens, text, words=True, unit_score="mean")[1].tolist() == [1, 3, 2, 3, 0, 2.5]
-    assert drop_order(tokens, text, words=False)[0] == [(i, i + 1) for i in range(8)]
+    assert drop_order(tokens, text, unit_score="mean")[1].tolist() == [1, 3, 2, 3, 0, 2.5]
+    assert drop_order(tokens, text, unit="token")[0] == [(i, i + 1) for i in range(8)]
 
 
 def test_a_number_split_into_digit_tokens_outweighs_a_short_word() -> None:
@@ -178,13 +178,13 @@ models:
      compression: {target_ratio: 0.4, min_prompt_tokens: 100}}
   - {name: small, backend: openai/small}
 routes:
-  - {name: auto, models: [small, big], compression: {min_input_usd_per_mtok: 1.0, keep_recent: 4, words: false}}
+  - {name: auto, models: [small, big], compression: {min_input_usd_per_mtok: 1.0, keep_recent: 4, unit: token}}
 compressor: {layers: 4, head_vocab: 2048}
 """)
     rules = build_compression(config)
     assert rules is not None
     assert rules.models["big"] == CompressionPolicy(target_ratio=0.4, min_prompt_tokens=100)
-    assert rules.routes["auto"] == CompressionPolicy(keep_recent=4, words=False, min_input_usd_per_mtok=1.0)
+    assert rules.routes["auto"] == CompressionPolicy(keep_recent=4, unit="token", min_input_usd_per_mtok=1.0)
     assert config.compressor.layers == 4
     off = parse_config("models:\n  - {name: big, backend: openai/big, compression: {enabled: false}}\n")
     assert build_compression(off) is None

@@ -32,7 +32,7 @@ import numpy as np
 from workers.local.catalog import BUILDER_VERSION, MODEL_FILE, models_dir, smollm2_gguf
 
 #: The defaults chosen from the measurements in docs/compression.md.
-DEFAULT_LAYERS = 4
+DEFAULT_LAYERS = 1
 DEFAULT_HEAD_VOCAB = 4096
 #: Tokens scored in one pass; longer texts are cut into windows scored independently.
 DEFAULT_WINDOW = 512
