@@ -148,12 +148,15 @@ def _split_last_paragraph(text: str) -> tuple[str, str]:
 
 def _starts_unit(text: str, scored: Scored, i: int, unit: Unit) -> bool:
     piece = text[scored.starts[i]:scored.ends[i]]
-    previous = text[scored.starts[i - 1]:scored.starts[i]]  # with any space the tokenizer left out of spans
+    previous = text[scored.starts[i - 1]:scored.ends[i - 1]]
+    gap = text[scored.ends[i - 1]:scored.starts[i]]  # any space the tokenizer left out of the spans
     if unit == "token" or "\n" in piece or "\n" in previous:  # a line break is a unit of its own
         return True
     if unit == "sentence":
         return previous.rstrip().endswith((".", "!", "?", ":", ";"))
-    return bool(previous[len(previous.rstrip()):]) or bool(_WORD_START.match(piece))
+    # A word starts with its leading space (a lone space token joins the word after it, so that dropping a
+    # word never glues its neighbours together) or at punctuation.
+    return bool(gap) or (bool(_WORD_START.match(piece)) and not previous.isspace())
 
 
 def drop_order(scored: Scored, text: str, unit: Unit = "word",

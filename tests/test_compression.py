@@ -84,6 +84,17 @@ def test_words_group_their_tokens_and_line_breaks_are_fixed() -> None:
     assert drop_order(tokens, text, unit="token")[0] == [(i, i + 1) for i in range(8)]
 
 
+def test_a_lone_space_token_joins_the_word_after_it_and_sentences_end_at_stops() -> None:
+    text = " is 9376. Next one!\n Last"
+    pieces = [" is", " ", "93", "76", ".", " Next", " one", "!", "\n", " Last"]
+    tokens = scored(text, pieces, [1] * len(pieces))
+    assert drop_order(tokens, text)[0] == [(0, 1), (1, 4), (4, 5), (5, 6), (6, 7), (7, 8), (8, 9), (9, 10)]
+    units, scores, fixed = drop_order(tokens, text, unit="sentence")
+    assert units == [(0, 5), (5, 8), (8, 9), (9, 10)]
+    assert scores.tolist() == [1, 1, 1, 1]  # sentences score their mean
+    assert fixed.tolist() == [False, False, True, False]
+
+
 def test_a_number_split_into_digit_tokens_outweighs_a_short_word() -> None:
     """Why words score the sum: each digit of a random number is about as surprising as a common word, so
     by the mean a number would go first, and with it the answer (measured: docs/compression.md)."""
