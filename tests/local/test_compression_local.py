@@ -139,6 +139,12 @@ def test_the_gateway_compresses_before_dear_models_only_and_honours_the_opt_out(
     assert f'frugal_compression_tokens_removed_total{{model="dear"}} {float(removed)}' in metrics
     assert 'frugal_compression_duration_seconds_count{model="dear"} 1.0' in metrics
 
+    with httpx.stream("POST", gw.url + "/v1/chat/completions", headers=gw.headers(), timeout=60,
+                      json={"model": "auto", "messages": chat(), "stream": True}) as streamed:
+        assert streamed.status_code == 200 and "".join(streamed.iter_text()).rstrip().endswith("[DONE]")
+        assert streamed.headers["x-frugal-compression"].startswith("dear:compressed:")
+    assert last_input(standin_server, dear) == sent  # the stream's request was compressed the same way
+
     off = gw.post("/v1/chat/completions", {"model": "auto", "messages": chat()}, headers={"x-frugal-compress": "off"})
     assert last_input(standin_server, dear) == chat()
     assert off.headers["x-frugal-compression"] == "dear:opted_out:1.000"
