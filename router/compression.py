@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -212,12 +213,16 @@ class Compressor:
     def __init__(self, load_scorer: Callable[[], TokenScorer]) -> None:
         self._load_scorer = load_scorer
         self._scorer: TokenScorer | None = None
+        self._loading = threading.Lock()
 
     @property
     def scorer(self) -> TokenScorer:
-        if self._scorer is None:
-            self._scorer = self._load_scorer()
-        return self._scorer
+        """Loaded (and built, the first time) by the first request that needs it; concurrent first requests
+        wait for that one rather than build the model twice."""
+        with self._loading:
+            if self._scorer is None:
+                self._scorer = self._load_scorer()
+            return self._scorer
 
     def compress(self, request: GenerationRequest, policy: CompressionPolicy) -> CompressionOutcome:
         """`request` with its compressible parts compressed per `policy` (the request itself is unchanged)."""
