@@ -19,6 +19,7 @@ from gateway.auth import KeyStore
 from gateway.backends import build_backend, build_cascades
 from gateway.cache.setup import build_response_cache
 from gateway.completions import CompletionsEndpoint
+from gateway.compression import build_compression
 from gateway.errors import APIError, model_not_found
 from gateway.ledger import Ledger
 from gateway.metrics import GatewayMetrics
@@ -77,6 +78,7 @@ def create_app(config: FrugalConfig, *, backends: dict[str, Backend] | None = No
         timeouts={m.name: m.timeout_s for m in config.models},
         retry=RetryPolicy(config.retry.backoff_base_s, config.retry.backoff_max_s),
         cooldown=Cooldown(config.cooldown.failures, config.cooldown.window_s, config.cooldown.cooldown_s),
+        compression=build_compression(config),
     )
     cascades = CascadeRunner(router, build_cascades(config))
     keys = KeyStore(config.auth, config.limits.requests_per_minute)

@@ -83,6 +83,12 @@ def cascade_headers(trace: DecisionTrace) -> dict[str, str]:
     return headers
 
 
+def compression_headers(trace: DecisionTrace) -> dict[str, str]:
+    """`x-frugal-compression`: per model that answered, what compression did (docs/compression.md)."""
+    return {"x-frugal-compression": ",".join(f"{c.model}:{c.outcome}:{c.ratio:.3f}" for c in trace.compressions),
+            "x-frugal-compression-tokens-removed": str(sum(c.tokens_removed for c in trace.compressions))}
+
+
 class SettledStreamingResponse(StreamingResponse):
     """A streaming response that always runs `settle` when it ends, however it ends (shielded from
     cancellation), so a stream is accounted for even if its body never started."""
@@ -139,10 +145,14 @@ class CompletionsEndpoint:
             generation = parsed.generation
             generation.timeout_s = self.default_timeout_s
             generation.tenant = client.key_id
+            generation.compress = request.headers.get("x-frugal-compress", "").strip().lower() != "off"
             lookup = None
             if self.cache is not None:
                 directives = parse_cache_control(request.headers.get("cache-control"))
-                lookup = await self.cache.lookup(client.key_id, parsed.model, generation, directives)
+                # an opted-out request is sent another prompt than a compressed one: another answer
+                variant = None if generation.compress else {"compress": False}
+                lookup = await self.cache.lookup(client.key_id, parsed.model, generation, directives,
+                                                 variant)
                 record.cache = lookup.result
                 if lookup.entry is not None:
                     return self._cached(kind, parsed, lookup, lookup.entry, record)
@@ -183,6 +193,8 @@ class CompletionsEndpoint:
                 headers["x-frugal-model"] = trace.model
             if trace.tiers:
                 headers.update(cascade_headers(trace))
+            if trace.compressions:
+                headers.update(compression_headers(trace))
         if record.cache != "none":
             headers["x-frugal-cache"] = record.cache
         return headers

@@ -48,6 +48,15 @@ class GatewayMetrics:
                                       "semantic-hit, miss, bypass)", ["route", "result"], registry=r)
         self.cache_saved = Counter("frugal_cache_saved_usd", "USD not spent because the cache answered (what "
                                    "the cached answer cost when it was made)", ["route", "result"], registry=r)
+        self.compressions = Counter("frugal_compressions", "Prompt compression decisions before models that "
+                                    "answered, by outcome (compressed, opted_out, too_short, ...)",
+                                    ["model", "outcome"], registry=r)
+        self.compression_tokens_removed = Counter("frugal_compression_tokens_removed", "Prompt tokens removed by "
+                                                  "compression (local tokenizer count)", ["model"], registry=r)
+        self.compression_saved = Counter("frugal_compression_saved_usd", "Estimated USD saved by prompt "
+                                         "compression (removed tokens x input price)", ["model"], registry=r)
+        self.compression_latency = Histogram("frugal_compression_duration_seconds", "Time spent compressing a "
+                                             "prompt", ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.ledger_written = Gauge("frugal_ledger_rows_written", "Ledger rows written by this process",
                                     registry=r)
 

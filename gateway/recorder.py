@@ -133,6 +133,13 @@ class Recorder:
             m.fallbacks.labels(record.route_label).inc(trace.fallbacks)
         if trace.tiers:
             self._cascade_metrics(record.route_label, trace)
+        for compression in trace.compressions:
+            m.compressions.labels(compression.model, compression.outcome).inc()
+            if compression.outcome == "compressed":
+                m.compression_tokens_removed.labels(compression.model).inc(compression.tokens_removed)
+                m.compression_saved.labels(compression.model).inc(compression.saved_usd)
+            if compression.latency_s:  # prompts found too short were scored too
+                m.compression_latency.labels(compression.model).observe(compression.latency_s)
 
     def _cascade_metrics(self, route: str, trace: DecisionTrace) -> None:
         m = self.metrics

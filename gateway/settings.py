@@ -47,6 +47,35 @@ class LocalServingConfig(_Strict):
     isolate_tenants: bool = False
 
 
+class CompressionConfig(_Strict):
+    """Prompt compression before a model (docs/compression.md): a route's block applies to the models the
+    route calls, else the model's own block."""
+
+    enabled: bool = True
+    #: Fraction of the compressible tokens kept (0.5 halves the long context; the question is never touched).
+    target_ratio: float = Field(default=0.5, gt=0, le=1)
+    #: Compress only before models whose input price is at least this many USD per million tokens.
+    min_input_usd_per_mtok: float = Field(default=0.0, ge=0)
+    #: Prompts with fewer compressible tokens than this are sent as they are.
+    min_prompt_tokens: int = Field(default=500, ge=0)
+    #: The last messages of a chat that are never compressed (the last user message never is).
+    keep_recent: int = Field(default=2, ge=0)
+    #: What is dropped: whole words (readable), single tokens, or whole sentences.
+    unit: Literal["word", "token", "sentence"] = "word"
+
+
+class CompressorConfig(_Strict):
+    """The local scoring model that compression uses (built from SmolLM2 on first use, then shared)."""
+
+    #: Decoder layers of SmolLM2-135M kept in the early-exit scoring model (of 30).
+    layers: int = Field(default=1, ge=1, le=30)
+    #: Output rows the log-probabilities are normalized over (the most frequent tokens).
+    head_vocab: int = Field(default=4096, ge=256)
+    #: Tokens scored in one pass; longer texts are scored window by window.
+    window: int = Field(default=512, ge=16, le=8192)
+    threads: int | None = Field(default=None, gt=0)
+
+
 class ModelConfig(_Strict):
     """A concrete model that clients can name, and how to reach it."""
 
@@ -72,6 +101,8 @@ class ModelConfig(_Strict):
     threads: int | None = Field(default=None, gt=0)
     model_dir: str | None = None
     serving: LocalServingConfig = Field(default_factory=LocalServingConfig)
+    #: Compress prompts before this model (unless the route calling it has a policy of its own).
+    compression: CompressionConfig | None = None
 
     @property
     def is_local(self) -> bool:
@@ -113,6 +144,8 @@ class RouteConfig(_Strict):
     scorer: str | None = None
     #: A fitted cascade file (`frugal cascade fit --out`); relative to the config file.
     cascade: str | None = None
+    #: Compress prompts before the models (tiers) of this route; `min_input_usd_per_mtok` picks which.
+    compression: CompressionConfig | None = None
 
     @model_validator(mode="after")
     def _shape(self) -> RouteConfig:
@@ -269,6 +302,7 @@ class FrugalConfig(_Strict):
     cooldown: CooldownConfig = CooldownConfig()
     ledger: LedgerConfig = LedgerConfig()
     cache: CacheConfig = CacheConfig()
+    compressor: CompressorConfig = CompressorConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> FrugalConfig:

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
+from router.compression import CompressionOutcome, CompressionRules, trace_record
 from router.cooldown import Cooldown
 from router.trace import Attempt, DecisionTrace
 from workers.backend import Backend, GenerationRequest, GenerationResult, StreamChunk
@@ -91,6 +92,7 @@ class FallbackRouter:
         retry: RetryPolicy,
         cooldown: Cooldown,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        compression: CompressionRules | None = None,
     ) -> None:
         self.backends = backends
         self.routes = routes
@@ -99,6 +101,7 @@ class FallbackRouter:
         self.retry = retry
         self.cooldown = cooldown
         self._sleep = sleep
+        self.compression = compression
 
     def resolve(self, name: str) -> list[str] | None:
         """The models behind a model or route name; None when the name is unknown."""
@@ -112,6 +115,20 @@ class FallbackRouter:
         """`request` with `model`'s own timeout."""
         timeout = self.timeouts.get(model)
         return request if timeout is None or timeout == request.timeout_s else replace(request, timeout_s=timeout)
+
+    async def _compressed(self, model: str, request: GenerationRequest, trace: DecisionTrace,
+                          done: dict[str, CompressionOutcome | None]) -> CompressionOutcome | None:
+        """The compression that applies before `model` (docs/compression.md), computed once per model of a
+        route call (retries reuse it)."""
+        if self.compression is None:
+            return None
+        if model not in done:
+            done[model] = await self.compression.apply(trace.route, model, self.backends[model].price, request)
+        return done[model]
+
+    def _answered(self, model: str, compressed: CompressionOutcome | None, trace: DecisionTrace) -> None:
+        if compressed is not None:
+            trace.compressions.append(trace_record(model, compressed, self.backends[model].price))
 
     def _runnable(self, models: list[str], trace: DecisionTrace) -> list[str]:
         runnable = []
@@ -156,8 +173,11 @@ class FallbackRouter:
 
     async def generate(self, models: list[str], request: GenerationRequest,
                        trace: DecisionTrace) -> GenerationResult:
+        compressions: dict[str, CompressionOutcome | None] = {}
+
         async def call(model: str, started: float) -> GenerationResult:
-            attempt = self._for(model, request)
+            compressed = await self._compressed(model, request, trace, compressions)
+            attempt = self._for(model, compressed.request if compressed else request)
             try:
                 async with asyncio.timeout(attempt.timeout_s):
                     result = await self.backends[model].generate(attempt)
@@ -167,6 +187,7 @@ class FallbackRouter:
             self.cooldown.succeeded(model)
             trace.attempts.append(Attempt(model, "ok", result.latency_s, result.cost_usd))
             trace.model = model
+            self._answered(model, compressed, trace)
             return result
 
         return await self._run(models, trace, call)
@@ -176,8 +197,11 @@ class FallbackRouter:
         """Start streaming from the first model that produces a first chunk (retrying and falling back
         until then); failures after that end the stream and are recorded by `_guard`."""
 
+        compressions: dict[str, CompressionOutcome | None] = {}
+
         async def call(model: str, started: float) -> OpenedStream:
-            attempt = self._for(model, request)
+            compressed = await self._compressed(model, request, trace, compressions)
+            attempt = self._for(model, compressed.request if compressed else request)
             iterator = aiter(self.backends[model].stream(attempt))
             try:
                 async with asyncio.timeout(attempt.timeout_s):
@@ -192,6 +216,7 @@ class FallbackRouter:
                 await _close(iterator)
                 raise
             trace.model = model
+            self._answered(model, compressed, trace)
             return OpenedStream(model, first, self._guard(model, iterator, attempt, trace, started))
 
         return await self._run(models, trace, call)

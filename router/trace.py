@@ -37,6 +37,25 @@ class TierDecision:
 
 
 @dataclass(slots=True)
+class CompressionRecord:
+    """Prompt compression before one model that answered (docs/compression.md). Tokens are counted by the
+    local scoring model's tokenizer, so `saved_usd` (removed tokens x the model's input price) is an estimate."""
+
+    model: str
+    #: "compressed", or why not: "opted_out", "too_short", "nothing_compressible".
+    outcome: str
+    tokens_before: int = 0
+    tokens_after: int = 0
+    ratio: float = 1.0
+    latency_s: float = 0.0
+    saved_usd: float = 0.0
+
+    @property
+    def tokens_removed(self) -> int:
+        return self.tokens_before - self.tokens_after
+
+
+@dataclass(slots=True)
 class DecisionTrace:
     route: str
     attempts: list[Attempt] = field(default_factory=list)
@@ -50,6 +69,8 @@ class DecisionTrace:
     #: Answered from the response cache: result ("hit" / "semantic-hit"), what it saved, the entry's age
     #: and, for semantic hits, the similarity of the matched question.
     cache: dict[str, Any] | None = None
+    #: Prompt compression applied (or declined) before the models that answered.
+    compressions: list[CompressionRecord] = field(default_factory=list)
 
     @property
     def accepted_tier(self) -> int | None:
@@ -94,4 +115,6 @@ class DecisionTrace:
             body["tiers"] = [asdict(t) for t in self.tiers]
             body["accepted_tier"] = self.accepted_tier
             body["saved_usd"] = self.saved_usd
+        if self.compressions:
+            body["compression"] = [asdict(c) for c in self.compressions]
         return body

@@ -85,6 +85,8 @@ class StandIn:
         self.requests: Counter[str] = Counter()
         #: The last request body per model, without messages/prompt (tests check what was forwarded).
         self.last_params: dict[str, dict[str, Any]] = {}
+        #: The last messages (chat) or prompt (completion) per model, as received (tests of prompt rewriting).
+        self.last_input: dict[str, Any] = {}
 
     def _answer(self, model: str, candidates: list[str], prompt_tokens: int, params: dict) -> _Answer:
         user = params.get("user")
@@ -136,6 +138,7 @@ class StandIn:
         model = body["model"]
         self.requests[model] += 1
         self.last_params[model] = {k: v for k, v in body.items() if k not in ("messages", "prompt", "system")}
+        self.last_input[model] = body.get("messages", body.get("prompt"))
         behaviour = self.faults.decide(model)
         if behaviour.latency_ms:
             await asyncio.sleep(behaviour.latency_ms / 1000)
@@ -269,6 +272,7 @@ def create_standin_app(answers: RecordedAnswers, faults: Faults | None = None,
 
     async def stats(request: Request) -> Response:
         return _json({"requests": dict(standin.requests), "last_params": standin.last_params,
+                      "last_input": standin.last_input,
                       "queries": len(standin.answers),
                       "models": sorted(standin.answers.models)})
 

@@ -46,6 +46,8 @@ class GenerationRequest:
     timeout_s: float = 60.0
     #: Who is asking (the gateway's key id), for backends that keep per-tenant state such as cached prefixes.
     tenant: str | None = None
+    #: False when the client opted out of prompt compression (`x-frugal-compress: off`).
+    compress: bool = True
 
 
 @dataclass(slots=True)

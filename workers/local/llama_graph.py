@@ -222,19 +222,38 @@ def build_llama_graph(model: GGUFModel, quant: Quant, out_path: Path,
     return out_path
 
 
+def build_hidden_graph(model: GGUFModel, quant: Quant, out_path: Path, *, layers: int,
+                       accuracy_level: int = ACCURACY_LEVEL, progress: Callable[[str], None] | None = None) -> Path:
+    """Write an early-exit graph: the first `layers` layers, the final norm, and no output layer; it returns
+    the final hidden state of every position (`workers.local.surprisal` scores prompts with it)."""
+    proto = _llama_proto(model, _Graph(quant, accuracy_level, accuracy_level), progress or (lambda _msg: None),
+                         None, layers=layers, head=False)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(proto, str(out_path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=out_path.name + ".data", size_threshold=1024)
+    return out_path
+
+
 def _llama_proto(model: GGUFModel, g: _Graph, say: Callable[[str], None],
-                 max_positions: int | None) -> onnx.ModelProto:
+                 max_positions: int | None, layers: int | None = None, head: bool = True) -> onnx.ModelProto:
+    """The decoder graph. `layers` keeps only the first layers (an early-exit model: the final norm follows
+    the last kept layer); `head=False` leaves out the output layer, so the graph returns the final hidden
+    state of every position (`hidden`) and takes no `logits_to_keep`."""
     shape = model.shape
+    n_layers = shape.n_layers if layers is None else max(1, min(layers, shape.n_layers))
     positions = max_positions or min(shape.context_length, 8192)
     kv_dims = ["batch", shape.n_kv_heads, "past", shape.head_dim]
     inputs = [
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"]),
-        helper.make_tensor_value_info("logits_to_keep", TensorProto.INT64, [1]),
     ]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "kept", shape.vocab]),
-               helper.make_tensor_value_info("hidden", TensorProto.FLOAT, ["batch", "kept", shape.d_model])]
-    for i in range(shape.n_layers):
+    if head:
+        inputs.append(helper.make_tensor_value_info("logits_to_keep", TensorProto.INT64, [1]))
+        outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "kept", shape.vocab]),
+                   helper.make_tensor_value_info("hidden", TensorProto.FLOAT, ["batch", "kept", shape.d_model])]
+    else:
+        outputs = [helper.make_tensor_value_info("hidden", TensorProto.FLOAT, ["batch", "seq", shape.d_model])]
+    for i in range(n_layers):
         for kind in ("key", "value"):
             inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", TensorProto.FLOAT, kv_dims))
             outputs.append(helper.make_tensor_value_info(
@@ -267,8 +286,8 @@ def _llama_proto(model: GGUFModel, g: _Graph, say: Callable[[str], None],
         return normed, total
 
     delta: str | None = None
-    for i in range(shape.n_layers):
-        say(f"layer {i + 1}/{shape.n_layers}")
+    for i in range(n_layers):
+        say(f"layer {i + 1}/{n_layers}")
         p = f"blk.{i}"
         h, x = norm_with_residual(delta, x, f"{p}.attn_norm", f"{p}.attn_norm.weight")
         qkv_bias = None
@@ -293,6 +312,9 @@ def _llama_proto(model: GGUFModel, g: _Graph, say: Callable[[str], None],
 
     say("output")
     x, _ = norm_with_residual(delta, x, "output_norm", "output_norm.weight")
+    if not head:
+        g.nodes.append(helper.make_node("Identity", [x], ["hidden"], name="hidden_out"))
+        return _model_proto(g, shape, inputs, outputs)
     start = g.op1("Neg", ["logits_to_keep"])
     kept = g.op1("Slice", [x, start, g.const("slice_end", np.array([np.iinfo(np.int64).max], dtype=np.int64)),
                            one])
@@ -301,7 +323,11 @@ def _llama_proto(model: GGUFModel, g: _Graph, say: Callable[[str], None],
     g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="logits_out"))
     # The final hidden state, for exact re-scoring of the top candidates (see workers/local/head.py).
     g.nodes.append(helper.make_node("Identity", [kept], ["hidden"], name="hidden_out"))
+    return _model_proto(g, shape, inputs, outputs)
 
+
+def _model_proto(g: _Graph, shape: LlamaShape, inputs: list[onnx.ValueInfoProto],
+                 outputs: list[onnx.ValueInfoProto]) -> onnx.ModelProto:
     graph = helper.make_graph(g.nodes, f"frugal-{shape.architecture}", inputs, outputs, g.initializers)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
                                                     helper.make_opsetid("com.microsoft", 1)],
