@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.harness import Gateway, Service, model_entry
+from tests.harness import Gateway, Service, free_port, model_entry
 from workers.local.catalog import build
 
 QUESTION = "What is the capital of France?"
@@ -105,3 +105,13 @@ def test_the_verifier_refuses_a_word_swap_that_cosine_alone_serves(
     assert ask(verified, swapped).headers["x-frugal-cache"] == "miss"
     assert ask(verified, restated).headers["x-frugal-cache"] == "semantic-hit"
     assert upstream_calls(standin_server, verified_upstream) == 2
+
+
+def test_an_unreachable_redis_makes_semantic_lookups_miss_not_fail(
+        make_gateway: Callable[..., Gateway], standin_server: Service, models_env: dict[str, str]) -> None:
+    upstream = f"alpha-{uuid.uuid4().hex[:8]}"
+    gw = make_gateway(config(standin_server, upstream),
+                      env={**models_env, "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"})
+    for question in (QUESTION, PARAPHRASE):
+        assert ask(gw, question).headers["x-frugal-cache"] == "miss"
+    assert upstream_calls(standin_server, upstream) == 2

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 from gateway.cache.directives import CacheDirectives
 from gateway.cache.entry import CachedResponse
 from gateway.cache.keys import exact_key, is_deterministic, semantic_partition, semantic_question
-from gateway.cache.store import ResponseStore
+from gateway.cache.store import ErrorLog, ResponseStore
 from workers.backend import GenerationRequest
 
 if TYPE_CHECKING:
@@ -80,6 +80,7 @@ class ResponseCache:
         self.only_deterministic = only_deterministic
         self.shared = shared
         self.semantic = semantic
+        self._semantic_errors = ErrorLog()
 
     def _tenant(self, tenant: str) -> str:
         return "*" if self.shared else tenant
@@ -104,13 +105,20 @@ class ResponseCache:
             lookup.result, lookup.entry = "hit", entry
             return lookup
         if self.semantic is not None and lookup.question is not None and lookup.partition is not None:
-            lookup.vector = await self.semantic.embedder.embed(lookup.question)
-            match = await self.semantic.index.lookup(lookup.partition, lookup.vector, self.semantic.threshold)
-            if match is not None and match.entry_key != lookup.key:
-                entry = await self._load(match.entry_key, directives)
-                if entry is not None and self._verified(entry, lookup.question, match.similarity):
-                    lookup.result, lookup.entry, lookup.similarity = "semantic-hit", entry, match.similarity
+            try:
+                await self._semantic_lookup(lookup, directives)
+            except Exception as exc:  # an index in an unreachable Redis, an encoder failure: a miss, not a 500
+                self._semantic_errors.report("semantic lookup", exc)
         return lookup
+
+    async def _semantic_lookup(self, lookup: CacheLookup, directives: CacheDirectives) -> None:
+        assert self.semantic is not None and lookup.question is not None and lookup.partition is not None
+        lookup.vector = await self.semantic.embedder.embed(lookup.question)
+        match = await self.semantic.index.lookup(lookup.partition, lookup.vector, self.semantic.threshold)
+        if match is not None and match.entry_key != lookup.key:
+            entry = await self._load(match.entry_key, directives)
+            if entry is not None and self._verified(entry, lookup.question, match.similarity):
+                lookup.result, lookup.entry, lookup.similarity = "semantic-hit", entry, match.similarity
 
     def _verified(self, entry: CachedResponse, question: str, similarity: float) -> bool:
         assert self.semantic is not None
@@ -141,9 +149,12 @@ class ResponseCache:
         entry.question = lookup.question
         await self.store.set(lookup.key, entry.to_bytes(), self.ttl_s)
         if self.semantic is not None and lookup.question is not None and lookup.partition is not None:
-            if lookup.vector is None:
-                lookup.vector = await self.semantic.embedder.embed(lookup.question)
-            await self.semantic.index.add(lookup.partition, lookup.vector, lookup.key, self.semantic.ttl_s)
+            try:
+                if lookup.vector is None:
+                    lookup.vector = await self.semantic.embedder.embed(lookup.question)
+                await self.semantic.index.add(lookup.partition, lookup.vector, lookup.key, self.semantic.ttl_s)
+            except Exception as exc:
+                self._semantic_errors.report("semantic add", exc)
 
     async def aclose(self) -> None:
         await self.store.aclose()

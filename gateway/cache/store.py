@@ -89,13 +89,13 @@ class RedisResponseStore:
 
         self.prefix = prefix
         self._redis = aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
-        self._errors = _ErrorLog()
+        self._errors = ErrorLog()
 
     async def get(self, key: str) -> bytes | None:
         try:
             value = await self._redis.get(self.prefix + key)
         except Exception as exc:  # redis.RedisError, OSError, timeouts: the cache is unavailable, not fatal
-            self._errors.report("get", exc)
+            self._errors.report("store get", exc)
             return None
         return bytes(value) if value is not None else None
 
@@ -105,14 +105,14 @@ class RedisResponseStore:
         try:
             await self._redis.set(self.prefix + key, value, px=max(1, int(ttl_s * 1000)))
         except Exception as exc:
-            self._errors.report("set", exc)
+            self._errors.report("store set", exc)
 
     async def aclose(self) -> None:
         await self._redis.aclose()
 
 
-class _ErrorLog:
-    """Logs a failing store once per minute, not once per request."""
+class ErrorLog:
+    """Logs a failing cache component once per minute, not once per request."""
 
     def __init__(self, every_s: float = 60.0) -> None:
         self.every_s = every_s
@@ -124,5 +124,5 @@ class _ErrorLog:
         now = time.monotonic()
         if now - self._last >= self.every_s:
             self._last = now
-            log.warning("cache store %s failed (%d failures so far), serving without it: %r", operation,
+            log.warning("cache %s failed (%d failures so far), serving without it: %r", operation,
                         self.count, exc)
