@@ -89,6 +89,11 @@ def compression_headers(trace: DecisionTrace) -> dict[str, str]:
             "x-frugal-compression-tokens-removed": str(sum(c.tokens_removed for c in trace.compressions))}
 
 
+def _response_id(kind: RequestKind, record: RequestRecord) -> str:
+    """The `id` of a response body, OpenAI-style, from the request id (so logs, ledger and client agree)."""
+    return f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{record.request_id}"
+
+
 class SettledStreamingResponse(StreamingResponse):
     """A streaming response that always runs `settle` when it ends, however it ends (shielded from
     cancellation), so a stream is accounted for even if its body never started."""
@@ -228,7 +233,7 @@ class CompletionsEndpoint:
         headers["age"] = str(int(age_s))
         if lookup.similarity is not None:
             headers["x-frugal-cache-similarity"] = f"{lookup.similarity:.4f}"
-        response_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{record.request_id}"
+        response_id = _response_id(kind, record)
         if not parsed.stream:
             body = completion_body(kind, response_id, int(time.time()), entry.model, entry.choices, entry.usage)
             return Response(body, media_type="application/json", headers=headers)
@@ -252,13 +257,13 @@ class CompletionsEndpoint:
             record.response = result.text
         headers = self._headers(record)
         headers["x-frugal-cost-usd"] = f"{record.cost_usd:.10f}"
-        content = completion_body(kind, f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{record.request_id}",
+        content = completion_body(kind, _response_id(kind, record),
                                   int(time.time()), result.model, result.choices, result.usage)
         return Response(content, media_type="application/json", headers=headers)
 
     def _streaming_response(self, kind: RequestKind, parsed: ParsedRequest, opened: OpenedStream,
                             record: RequestRecord, lookup: CacheLookup | None) -> StreamingResponse:
-        writer = SSEWriter(kind, f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{record.request_id}",
+        writer = SSEWriter(kind, _response_id(kind, record),
                            int(time.time()), opened.model, parsed.include_usage)
         n = int(parsed.generation.params.get("n", 1))
         async def settle() -> None:
