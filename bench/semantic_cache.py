@@ -69,28 +69,29 @@ async def fill(index: SemanticIndex, rows: np.ndarray, concurrency: int = 16) ->
     print(f"{type(index).__name__}: {len(rows):,} adds in {time.perf_counter() - started:.1f} s", file=sys.stderr)
 
 
-async def lookup_times(index: SemanticIndex, queries: np.ndarray) -> list[float]:
+async def lookup_times(index: SemanticIndex, queries: np.ndarray, threshold: float) -> list[float]:
     times = []
     for query in queries:
         started = time.perf_counter()
-        await index.lookup("bench", query, DEFAULT_SIMILARITY_THRESHOLD)
+        await index.lookup("bench", query, threshold)
         times.append(time.perf_counter() - started)
     return times
 
 
-async def latencies(base: np.ndarray, queries: np.ndarray, redis_url: str) -> dict[str, dict[str, float]]:
+async def latencies(base: np.ndarray, queries: np.ndarray, redis_url: str,
+                    threshold: float) -> dict[str, dict[str, float]]:
     out = {}
     for size in SIZES:
         rows = entries(base, size)
         memory = MemorySemanticIndex(max_entries=size)
         await fill(memory, rows)
-        out[f"memory_{size}"] = percentiles(await lookup_times(memory, queries))
+        out[f"memory_{size}"] = percentiles(await lookup_times(memory, queries, threshold))
         writer = RedisSemanticIndex(redis_url, prefix=f"bench:{size}:", max_entries=size)
         reader = RedisSemanticIndex(redis_url, prefix=f"bench:{size}:", max_entries=size)
         await fill(writer, rows)
         await reader.sync()  # a second replica loads what the first wrote
         assert len(reader) == size
-        out[f"redis_{size}"] = percentiles(await lookup_times(reader, queries))
+        out[f"redis_{size}"] = percentiles(await lookup_times(reader, queries, threshold))
         await writer.aclose()
         await reader.aclose()
     return out
@@ -100,7 +101,7 @@ def _norm(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-async def as_a_cache(pairs: list, vectors: dict[str, np.ndarray]) -> dict[str, float]:
+async def as_a_cache(pairs: list, vectors: dict[str, np.ndarray], threshold: float) -> dict[str, float]:
     """Every pair's first question cached (one partition), every second question looked up. A hit is judged
     by the human labels of the pack wherever the two texts were labelled (or are the same text); a hit on a
     question never labelled against the query is counted apart (unlabelled)."""
@@ -111,7 +112,7 @@ async def as_a_cache(pairs: list, vectors: dict[str, np.ndarray]) -> dict[str, f
         await index.add("bench", vectors[text], str(i), TTL_S)
     counts = {"hits": 0, "correct": 0, "false": 0, "unlabelled": 0}
     for pair in pairs:
-        match = await index.lookup("bench", vectors[pair.text_b], DEFAULT_SIMILARITY_THRESHOLD)
+        match = await index.lookup("bench", vectors[pair.text_b], threshold)
         if match is None:
             continue
         counts["hits"] += 1
@@ -146,11 +147,11 @@ async def run(args: argparse.Namespace, redis_url: str) -> dict:
     base = np.stack([vectors[p.text_a] for p in pairs])
     queries = np.stack([vectors[p.text_b] for p in pairs[:LOOKUPS]])
     return {
-        "threshold": DEFAULT_SIMILARITY_THRESHOLD,
-        "lookup": await latencies(base, queries, redis_url),
+        "threshold": args.threshold,
+        "lookup": await latencies(base, queries, redis_url, args.threshold),
         "embedding": percentiles(await embedding_times(embedder, [p.text_b for p in pairs[:200]])),
-        "pairs": measure(scores, labels, DEFAULT_SIMILARITY_THRESHOLD),
-        "cache": await as_a_cache(pairs, vectors),
+        "pairs": measure(scores, labels, args.threshold),
+        "cache": await as_a_cache(pairs, vectors, args.threshold),
     }
 
 
@@ -160,6 +161,8 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=None, help="folder holding paraphrase/")
     parser.add_argument("--embeddings", type=Path, default=None, help="reuse embeddings saved in this .npz")
     parser.add_argument("--blas-threads", type=int, default=1, help="numpy BLAS threads (0: leave as is)")
+    parser.add_argument("--threshold", type=float, default=DEFAULT_SIMILARITY_THRESHOLD,
+                        help="cosine similarity a match needs (0.85: the verifier's candidate floor)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--record", action="store_true")
     args = parser.parse_args()
