@@ -47,6 +47,16 @@ def missing_data(message: str) -> NoReturn:
     pytest.skip(message)
 
 
+class Clock:
+    """A clock the test moves by hand (`clock.now += 10`): for TTLs and windows without sleeping."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -18,7 +18,7 @@ from gateway.cache.entry import CachedResponse
 from gateway.cache.keys import exact_key, is_deterministic, semantic_partition, semantic_question
 from gateway.cache.store import MemoryResponseStore, RedisResponseStore
 from gateway.errors import APIError
-from tests.harness import Gateway, Service, free_port, model_entry
+from tests.harness import Clock, Gateway, Service, free_port, model_entry
 from workers.backend import Choice, GenerationRequest, TokenLogprob, TopLogprob, Usage
 
 
@@ -101,13 +101,6 @@ def test_cached_response_round_trips_with_logprobs() -> None:
     assert again == entry
     assert again.age_s(now=160.0) == 60.0
 
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_memory_store_expires_entries_and_evicts_the_least_recently_used() -> None:

@@ -10,17 +10,10 @@ import pytest
 
 from router.cooldown import Cooldown
 from router.fallback import RetryPolicy
-from tests.harness import Gateway, Service, model_entry
+from tests.harness import Clock, Gateway, Service, model_entry
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_cooldown_after_repeated_failures_within_the_window() -> None:

@@ -10,14 +10,7 @@ import pytest
 from gateway.cache.semantic_index import MemorySemanticIndex, SemanticIndex, entry_ident
 from gateway.cache.semantic_redis import RedisSemanticIndex
 from gateway.cache.vector_store import PROJECT_MIN_ROWS
-
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
+from tests.harness import Clock
 
 
 def run(coroutine):  # noqa: ANN001, ANN201 - a tiny helper for async calls from sync tests
@@ -97,7 +90,7 @@ def test_partitions_never_cross() -> None:
 
 def test_entries_expire_by_the_injected_clock_and_are_reclaimed() -> None:
     async def check() -> None:
-        clock = FakeClock()
+        clock = Clock()
         index = MemorySemanticIndex(clock=clock)
         vectors = distinct(2, seed=2)
         await index.add("p", vectors[0], "short", ttl_s=10)
@@ -114,7 +107,7 @@ def test_entries_expire_by_the_injected_clock_and_are_reclaimed() -> None:
 
 def test_size_is_bounded_and_the_soonest_to_expire_goes_first() -> None:
     async def check() -> None:
-        clock = FakeClock()
+        clock = Clock()
         index = MemorySemanticIndex(max_entries=3, clock=clock)
         vectors = distinct(5, seed=3)
         for i, vector in enumerate(vectors):
@@ -130,7 +123,7 @@ def test_size_is_bounded_and_the_soonest_to_expire_goes_first() -> None:
 
 def test_adding_the_same_key_again_replaces_the_entry() -> None:
     async def check() -> None:
-        clock = FakeClock()
+        clock = Clock()
         index = MemorySemanticIndex(clock=clock)
         first, second = distinct(2, seed=4)
         await index.add("p", first, "same", ttl_s=10)
@@ -156,13 +149,13 @@ def test_bad_input_is_refused() -> None:
     run(check())
 
 
-def redis_index(url: str, clock: FakeClock, **options: object) -> RedisSemanticIndex:
+def redis_index(url: str, clock: Clock, **options: object) -> RedisSemanticIndex:
     return RedisSemanticIndex(url, prefix="test:sem:", clock=clock, **options)
 
 
 def test_two_redis_indexes_share_adds_replacements_and_evictions(redis_url: str) -> None:
     async def check() -> None:
-        clock = FakeClock()
+        clock = Clock()
         a = redis_index(redis_url, clock, max_entries=3)
         b = redis_index(redis_url, clock, max_entries=3)
         vectors = distinct(5, seed=5)
@@ -198,7 +191,7 @@ def test_redis_entries_expire_and_are_reclaimed_in_redis(redis_url: str) -> None
     async def check() -> None:
         import redis
 
-        clock = FakeClock()
+        clock = Clock()
         a, b = redis_index(redis_url, clock), redis_index(redis_url, clock)
         vectors = distinct(3, seed=6)
         await a.add("p", vectors[0], "old", ttl_s=10)
@@ -222,7 +215,7 @@ def test_a_replica_that_fell_behind_the_capped_log_reloads(redis_url: str) -> No
     async def check() -> None:
         import redis
 
-        clock = FakeClock()
+        clock = Clock()
         a = redis_index(redis_url, clock, log_len=5)
         b = redis_index(redis_url, clock, log_len=5)
         vectors = distinct(60, seed=7)
@@ -248,7 +241,7 @@ def test_a_replica_drops_its_mirror_when_redis_lost_its_data(redis_url: str) -> 
     async def check() -> None:
         import redis
 
-        clock = FakeClock()
+        clock = Clock()
         a, b = redis_index(redis_url, clock), redis_index(redis_url, clock)
         old, new = distinct(2, seed=9)
         await a.add("p", old, "old", ttl_s=60)
