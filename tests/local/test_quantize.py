@@ -6,16 +6,7 @@ import gguf
 import numpy as np
 import pytest
 
-from workers.local.quantize import (
-    GGUF_BLOCK,
-    IntBlocks,
-    dequantize,
-    gguf_blocks,
-    offset_columns,
-    pack,
-    split_int8,
-    symmetric_blocks,
-)
+from workers.local.quantize import IntBlocks, dequantize, gguf_blocks, pack, split_int8, symmetric_blocks
 
 QT = gguf.GGMLQuantizationType
 
@@ -44,31 +35,6 @@ def test_split_int8_holds_the_8_bit_values_exactly() -> None:
     assert (split.bits, split.k, split.n) == (4, 2 * blocks.k, blocks.n)
     halves = dequantize(split)  # [N, 2K]: x @ (hi + lo)^T is what MatMulNBits(concat(x, x)) computes
     np.testing.assert_allclose(halves[:, :blocks.k] + halves[:, blocks.k:], weights_of(blocks), rtol=1e-6, atol=0)
-
-
-@pytest.mark.parametrize("k", [64, 576, 1536])  # one piece block, and pieces that need padding (18, 48 blocks)
-def test_offset_columns_compute_q4_1_blocks_with_one_matmul(k: int) -> None:
-    rng = np.random.default_rng(4)
-    w = rng.normal(size=(48, k)).astype(np.float32)
-    w[0] -= 5.0  # a row of all-negative blocks: their zero point is clipped to 15, the residual is large
-    blocks = gguf_blocks(gguf.quants.quantize(w, QT.Q4_1), "Q4_1")
-    columns = offset_columns(blocks)
-    count = k // GGUF_BLOCK
-    assert columns.quantized.zero_points is not None and columns.piece % GGUF_BLOCK == 0 and columns.piece >= count
-    x = rng.normal(size=(5, k)).astype(np.float32)
-    means = np.zeros((5, columns.piece), np.float32)
-    means[:, :count] = x.reshape(5, count, GGUF_BLOCK).mean(axis=-1)
-    extended = np.concatenate([x, *[means] * ((columns.quantized.k - k) // columns.piece)], axis=1)
-    got = extended.astype(np.float64) @ dequantize(columns.quantized).T.astype(np.float64)
-    exact = x.astype(np.float64) @ weights_of(blocks).T.astype(np.float64)
-    # What is left is the residuals' rounding: at most max_error per weight, times the block sums of |x|.
-    bound = np.abs(x).sum(axis=1)[:, None] * columns.max_error[None, :] + 1e-4
-    assert np.all(np.abs(got - exact) <= bound)
-    # Rows whose blocks all straddle zero keep |r| <= d / 2: their weights are within 1/1000 of a step.
-    assert np.all(columns.max_error[1:] <= blocks.scale[1:].max(axis=1) / 1000)
-    assert columns.max_error[0] > columns.max_error[1:].max()  # the clipped row: coarser, still bounded above
-    with pytest.raises(ValueError, match="offsets"):
-        offset_columns(IntBlocks(blocks.q, blocks.scale))
 
 
 def test_pack_keeps_4_and_8_bit_values_and_refuses_what_does_not_fit() -> None:

@@ -89,68 +89,6 @@ def split_int8(blocks: IntBlocks) -> Quantized:
     return Quantized(packed, scale.reshape(-1), _pack_nibbles(zero), n, 2 * blocks.k, 4, GGUF_BLOCK)
 
 
-#: Base-16 digits of a residual (`offset_columns`): three 4-bit digits in [-8, 7] hold any integer of magnitude
-#: up to 7 * (256 + 16 + 1) = 1911.
-RESIDUAL_DIGITS = 3
-RESIDUAL_STEPS = 7 * sum(16**i for i in range(RESIDUAL_DIGITS))
-
-
-@dataclass(frozen=True, slots=True)
-class OffsetColumns:
-    """4-bit blocks with per-block offsets as one MatMulNBits over extra columns (`offset_columns`)."""
-
-    #: Over K + RESIDUAL_DIGITS * `piece` columns: x, then the block means of x once per digit, each copy
-    #: padded with zeros to `piece` columns.
-    quantized: Quantized
-    piece: int
-    #: The largest error of a weight against the source (the residuals' rounding), per output row [N].
-    max_error: np.ndarray
-
-
-def offset_columns(blocks: IntBlocks) -> OffsetColumns:
-    """4-bit blocks with offsets (Q4_1: w = d·u + m, u in [0, 15]) as one MatMulNBits with zero points.
-
-    The offset is an integer number of steps plus a residual: m = -d·z + r with z = round(-m / d) clipped to
-    [0, 15] (the block's zero point, which the kernel applies exactly) and r small (|r| <= d / 2 unless z
-    was clipped). What remains, the sum over blocks of r times the block's sum of x, runs as extra columns:
-    the activations gain the block means of x once per digit (each copy padded with zeros to whole blocks),
-    and the weights gain the residual in steps of sigma = max|r| / 1911 per row, R = round(r / sigma) written
-    in three balanced base-16 digits, digit i on copy i (scale 32 · 16^(2-i) · sigma). The weights are the
-    source's up to sigma / 2 (`max_error`), ~1/4000 of a quantization step (two digits, 1/240 of a step, moved
-    3 of 283 teacher-forced top-1 tokens of SmolLM2; three move none); one operator replaces the two float
-    matmuls over [N, blocks] offsets, which cost ~25% of a decode step (measured).
-    """
-    if not blocks.fits_4_bits or blocks.offset is None:
-        raise ValueError("offset columns are for 4-bit blocks with offsets")
-    n, count = blocks.scale.shape
-    d = blocks.scale.astype(np.float64)
-    m = blocks.offset.astype(np.float64) - 8.0 * d  # w = d·(q + 8) + m, with q + 8 = u in [0, 15]
-    z = np.clip(np.rint(-m / np.where(d == 0, 1.0, d)), 0, 15)
-    r = m + d * z
-    sigma = np.abs(r).max(axis=1) / RESIDUAL_STEPS
-    sigma[sigma == 0] = 1.0
-    steps = np.clip(np.rint(r / sigma[:, None]), -RESIDUAL_STEPS, RESIDUAL_STEPS).astype(np.int32)
-    piece_blocks = -(-count // GGUF_BLOCK)
-    piece = piece_blocks * GGUF_BLOCK
-    extra = np.zeros((n, RESIDUAL_DIGITS, piece), dtype=np.int32)
-    rest = steps
-    for digit in reversed(range(RESIDUAL_DIGITS)):  # least significant last
-        low = (rest + 8) % 16 - 8  # in [-8, 7]
-        extra[:, digit, :count] = low
-        rest = (rest - low) // 16
-    unsigned = np.concatenate([(blocks.q.astype(np.int16) + 8).reshape(n, count, GGUF_BLOCK),
-                               (extra + 8).reshape(n, RESIDUAL_DIGITS * piece_blocks, GGUF_BLOCK)],
-                              axis=1).astype(np.uint8)
-    weights = [32.0 * 16 ** (RESIDUAL_DIGITS - 1 - digit) * sigma for digit in range(RESIDUAL_DIGITS)]
-    piece_scales = np.repeat(np.stack(weights, axis=1), piece_blocks, axis=1)
-    scales = np.concatenate([d, piece_scales], axis=1).astype(np.float32)
-    zero = np.concatenate([z, np.full((n, RESIDUAL_DIGITS * piece_blocks), 8.0)], axis=1).astype(np.uint8)
-    quantized = Quantized(_pack_nibbles(unsigned), scales.reshape(-1), _pack_nibbles(zero), n,
-                          blocks.k + RESIDUAL_DIGITS * piece, 4, GGUF_BLOCK)
-    max_error = np.abs(steps * sigma[:, None] - r).max(axis=1).astype(np.float32)
-    return OffsetColumns(quantized, piece, max_error)
-
-
 def symmetric_blocks(weight: np.ndarray, bits: int) -> IntBlocks:
     """Float weights W (N x K, K a multiple of 32) as symmetric `bits`-bit blocks: scale = absmax / (2^(bits-1) - 1)."""
     n, k = weight.shape
