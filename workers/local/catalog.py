@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 #: Bumped when the builder's output changes; folders built by another version are rebuilt.
-BUILDER_VERSION = 5
+BUILDER_VERSION = 6
 MODEL_FILE = "frugal_model.json"
 #: Weight-only 8-bit: exact for GGUF Q4_0/Q4_1/Q8_0 sources, near-exact for float ones (docs/local.md).
 DEFAULT_QUANT = "int8"

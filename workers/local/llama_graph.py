@@ -138,18 +138,30 @@ class _Graph:
         onnxruntime itself uses (per block of 32, scale = absmax / 127), so its int8 quantization of hi is
         lossless, and lo = x - hi is small; both run as one MatMulNBits call of twice the rows (accuracy
         level 4), whose two halves are summed. The rounding left is that of lo's own quantization, ~1/127²
-        of each block's range. A decode step of one to four sequences is 1.2-1.5x faster than with float
-        activations (measured); prefill and larger batches are faster with float activations."""
+        of each block's range. A decode step of one to four sequences measured 1.2-1.5x faster than with float
+        activations on one machine, only 0.95-1.1x on an AVX-512 one (docs/local.md); prefill and larger batches
+        are faster with float activations."""
         if "two_pass_inverse_127" not in self._shared:
             self._shared["two_pass_inverse_127"] = self.const("two_pass_inverse_127", np.array(1 / 127, np.float32))
-        # Block maxima of |x| in one operator: x [batch, seq, K] read as [N, C, L] by a 1-D max pool. A block of
-        # zeros gets scale 0: whatever QuantizeLinear makes of 0/0, DequantizeLinear multiplies it by 0, so hi
-        # and lo are 0 there, as they should be (and onnxruntime's own quantization of it is 0 too).
-        absmax = self.op1("MaxPool", [self.op1("Abs", [x])], kernel_shape=[GGUF_BLOCK], strides=[GGUF_BLOCK])
+            self._shared["two_pass_blocks"] = self.const("two_pass_blocks", np.array([-1, GGUF_BLOCK], np.int64))
+            self._shared["two_pass_axis1"] = self.const("two_pass_axis1", np.array([1], np.int64))
+            self._shared["two_pass_minus_one"] = self.const("two_pass_minus_one", np.array([-1], np.int64))
+        # Work on x as rows of one block each, [batch * seq * K / 32, 32], so that the quantization is per row
+        # (per-axis): onnxruntime's per-axis (De)QuantizeLinear is 2-5x faster than its blocked form (measured).
+        # A block of zeros gets scale 0: whatever QuantizeLinear makes of 0/0, DequantizeLinear multiplies it by
+        # 0, so hi and lo are 0 there, as they should be (and onnxruntime's own quantization of it is 0 too).
+        blocks = self.op1("Reshape", [x, "two_pass_blocks"])
+        absmax = self.op1("ReduceMax", [self.op1("Abs", [blocks]), "two_pass_axis1"], keepdims=0)
         scale = self.op1("Mul", [absmax, "two_pass_inverse_127"])
-        grid = self.op1("QuantizeLinear", [x, scale], axis=-1, block_size=GGUF_BLOCK, output_dtype=TensorProto.INT8)
-        hi = self.op1("DequantizeLinear", [grid, scale], axis=-1, block_size=GGUF_BLOCK)
-        both = self.op1("Concat", [hi, self.op1("Sub", [x, hi])], axis=0)
+        grid = self.op1("QuantizeLinear", [blocks, scale], axis=0, output_dtype=TensorProto.INT8)
+        hi = self.op1("DequantizeLinear", [grid, scale], axis=0)
+        # [hi blocks; lo blocks] back to [2 * batch, seq, K]: hi rows first, as the Split below expects.
+        k = q.k
+        if f"two_pass_shape_{k}" not in self._shared:  # [-1, seq, K], from the first input of this width
+            self._shared[f"two_pass_shape_{k}"] = self.op1(
+                "Concat", ["two_pass_minus_one", self.op1("Shape", [x], start=1)], axis=0)
+        both = self.op1("Reshape", [self.op1("Concat", [hi, self.op1("Sub", [blocks, hi])], axis=0),
+                                    self._shared[f"two_pass_shape_{k}"]])
         halves = self.op("Split", [self._nbits_node(both, q, name, None, COMPUTE_LEVELS["int8"])], n_out=2, axis=0,
                          num_outputs=2)
         if bias is not None:
