@@ -3,7 +3,9 @@ KV-cache correctness, and the generation behaviour the gateway relies on."""
 
 from __future__ import annotations
 
+import gc
 import threading
+import weakref
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
@@ -135,6 +137,22 @@ def test_chunked_prefill_equals_one_pass(built: Callable[..., Path], smollm2_sou
     kv = session.new_cache(64)
     parts = [session.forward(ids[a:b], kv, 0) for a, b in ((0, 7), (7, 20), (20, len(ids)))]
     assert np.abs(np.concatenate(parts) - whole).max() < 1e-4
+
+
+def test_a_cache_keeps_its_binding_for_as_long_as_it_lives(built: Callable[..., Path]) -> None:
+    session = DecoderSession(built("int8"), threads=2)
+    cache_ = session.new_cache(32)
+    first = session.forward([1, 504, 3458], cache_, 1)
+    second = session.forward([282], cache_, 1)  # the cache's binding again, with new inputs and fresh outputs
+    assert len(session._bindings) == 2  # one per graph: the prefill ran the float graph, the step the decode graph
+    fresh = session.new_cache(32)
+    session.forward([1, 504, 3458], fresh, 1)
+    np.testing.assert_array_equal(session.forward([282], fresh, 1), second)
+    assert not np.array_equal(first, second)
+    gone = weakref.ref(cache_.values)
+    del cache_, fresh
+    gc.collect()
+    assert gone() is None and not session._bindings  # a dropped cache's tensors are not held by its binding
 
 
 @pytest.fixture(scope="module")

@@ -13,11 +13,9 @@ them, so memory grows with the tokens actually held, up to slots × capacity × 
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
-from workers.local.runtime import DecoderInfo
+from workers.local.runtime import CacheTensors, DecoderInfo
 
 KINDS = ("key", "value")
 
@@ -28,27 +26,27 @@ class KVPool:
         self.slots = slots
         self.capacity = capacity
         self.data = np.zeros((info.n_layers, 2, slots, info.n_kv_heads, capacity, info.head_dim), dtype=np.float32)
-        self._batches: dict[int, dict[tuple[int, str], Any]] = {}
-        self._singles: dict[int, dict[tuple[int, str], Any]] = {}
+        self._batches: dict[int, CacheTensors] = {}
+        self._singles: dict[int, CacheTensors] = {}
 
     @property
     def bytes_per_token(self) -> int:
         return self.info.n_layers * 2 * self.info.n_kv_heads * self.info.head_dim * 4
 
-    def _values(self, start: int, stop: int) -> dict[tuple[int, str], Any]:
+    def _values(self, start: int, stop: int) -> CacheTensors:
         import onnxruntime as ort  # noqa: PLC0415
 
         # OrtValues over views of `data`: onnxruntime reads and writes this memory directly.
-        return {(layer, kind): ort.OrtValue.ortvalue_from_numpy(self.data[layer, k, start:stop])
-                for layer in range(self.info.n_layers) for k, kind in enumerate(KINDS)}
+        return CacheTensors({(layer, kind): ort.OrtValue.ortvalue_from_numpy(self.data[layer, k, start:stop])
+                             for layer in range(self.info.n_layers) for k, kind in enumerate(KINDS)})
 
-    def batch(self, n: int) -> dict[tuple[int, str], Any]:
+    def batch(self, n: int) -> CacheTensors:
         """The cache of slots 0 .. n-1, as the graph's past/present bindings."""
         if n not in self._batches:
             self._batches[n] = self._values(0, n)
         return self._batches[n]
 
-    def single(self, slot: int) -> dict[tuple[int, str], Any]:
+    def single(self, slot: int) -> CacheTensors:
         """The cache of one slot, as a batch of one."""
         if slot not in self._singles:
             self._singles[slot] = self._values(slot, slot + 1)

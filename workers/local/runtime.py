@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import threading
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +22,6 @@ import numpy as np
 from workers.local.head import HEAD_FILE, ExactHead
 
 DECODE_GRAPH = "model_decode.onnx"
-#: IO bindings kept for reuse (one per session, cache and thread; a cache is a stable mapping of OrtValues).
-MAX_BINDINGS = 64
 
 log = logging.getLogger("frugal.local")
 
@@ -56,6 +55,11 @@ class DecoderInfo:
                    shape["vocab"], min(shape["context_length"], config.get("max_positions", 8192)))
 
 
+class CacheTensors(dict):  # type: ignore[type-arg]
+    """A cache's OrtValues by (layer, "key" | "value"). A dict that can be weakly referenced: a session keeps
+    its IO binding for these tensors exactly as long as they live (`DecoderSession._binding`)."""
+
+
 class KVCache:
     """One sequence's keys and values, `length` tokens of `capacity` filled."""
 
@@ -65,8 +69,8 @@ class KVCache:
         self.capacity = capacity
         self.length = 0
         shape = (1, info.n_kv_heads, capacity, info.head_dim)
-        self.values = {(i, kind): ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=np.float32))
-                       for i in range(info.n_layers) for kind in ("key", "value")}
+        self.values = CacheTensors({(i, kind): ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=np.float32))
+                                    for i in range(info.n_layers) for kind in ("key", "value")})
 
     @property
     def nbytes(self) -> int:
@@ -95,9 +99,9 @@ class DecoderSession:
         self.decode_session = ort.InferenceSession(str(decode), options, providers=self.providers) \
             if decode.exists() else None
         self.head = ExactHead(self.model_dir) if (self.model_dir / HEAD_FILE).exists() else None
-        #: (session, cache, thread) -> (cache, binding): binding the 2 x layers cache tensors costs ~0.5 ms a step
-        #: (measured), so a cache's binding is made once and only the step's inputs are bound again.
-        self._bindings: dict[tuple[int, int, int], tuple[Mapping[tuple[int, str], Any], Any]] = {}
+        #: (session, cache, thread) -> (weak reference to the cache, binding): binding the 2 x layers cache
+        #: tensors costs ~0.5 ms a step (measured), so a cache's binding is made once, dropped with the cache.
+        self._bindings: dict[tuple[int, int, int], tuple[weakref.ref[CacheTensors], Any]] = {}
         log.info("local model %s (%s) on %s, %d threads%s", self.info.name, self.info.quant,
                  self.session.get_providers()[0], options.intra_op_num_threads,
                  ", with a decode graph" if self.decode_session else "")
@@ -123,11 +127,11 @@ class DecoderSession:
         return outputs[0].numpy(), outputs[1].numpy()
 
     def _binding(self, session: Any, kv: Mapping[tuple[int, str], Any]) -> Any:
-        """The IO binding of `session` with `kv` bound as past and present (made on first use, then reused; the
-        entry holds `kv`, so its id cannot be reused while the binding lives)."""
+        """The IO binding of `session` with `kv` bound as past and present: made once per `CacheTensors` (and
+        thread) and dropped when they are; made afresh each time for any other mapping."""
         key = (id(session), id(kv), threading.get_ident())
         entry = self._bindings.get(key)
-        if entry is not None and entry[0] is kv:
+        if entry is not None and entry[0]() is kv:
             return entry[1]
         binding = session.io_binding()
         binding.bind_output("logits")  # first: get_outputs() keeps binding order
@@ -135,9 +139,9 @@ class DecoderSession:
         for (layer, kind), value in kv.items():
             binding.bind_ortvalue_input(f"past_key_values.{layer}.{kind}", value)
             binding.bind_ortvalue_output(f"present.{layer}.{kind}", value)
-        if len(self._bindings) >= MAX_BINDINGS:
-            del self._bindings[next(iter(self._bindings))]  # the oldest
-        self._bindings[key] = (kv, binding)
+        if isinstance(kv, CacheTensors):
+            bindings = self._bindings
+            self._bindings[key] = (weakref.ref(kv, lambda _gone: bindings.pop(key, None)), binding)
         return binding
 
     def rescore(self, logits: np.ndarray, hidden: np.ndarray) -> np.ndarray:
