@@ -18,6 +18,31 @@ from workers.local.quantize import IntBlocks
 
 HEAD_FILE = "head_q8.npz"
 CANDIDATES = 16
+#: Logits are scanned in chunks of this many for `top_candidates`.
+CHUNK = 128
+
+
+def top_candidates(logits: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the `k` largest values of each row of `logits` [n, vocab] (in no particular order), ties
+    broken arbitrarily: [n, k].
+
+    `np.argpartition` over a 49,152-wide row costs ~0.5 ms, 5% of a decode step. Here each row is cut into
+    chunks of `CHUNK`, and only the k chunks with the largest maxima are searched: every one of the k largest
+    values lies in a chunk whose maximum is at least the k-th largest value, and at most k chunks can hold
+    such a maximum, so those k chunks hold them all (~30 us a row, measured)."""
+    n, vocab = logits.shape
+    chunks = -(-vocab // CHUNK)
+    if chunks <= k:
+        return np.argpartition(logits, vocab - k, axis=-1)[:, vocab - k:]
+    padded = logits
+    if vocab % CHUNK:
+        padded = np.full((n, chunks * CHUNK), -np.inf, dtype=logits.dtype)
+        padded[:, :vocab] = logits
+    blocks = padded.reshape(n, chunks, CHUNK)
+    best = np.argpartition(blocks.max(axis=-1), chunks - k, axis=-1)[:, chunks - k:]  # [n, k] chunk numbers
+    window = np.take_along_axis(blocks, best[:, :, None], axis=1).reshape(n, k * CHUNK)
+    inside = np.argpartition(window, k * CHUNK - k, axis=-1)[:, k * CHUNK - k:]  # [n, k] within the window
+    return best[np.arange(n)[:, None], inside // CHUNK] * CHUNK + inside % CHUNK
 
 
 def save_head(out_dir: Path, blocks: IntBlocks) -> None:
@@ -40,6 +65,6 @@ class ExactHead:
     def rescore_rows(self, logits: np.ndarray, hidden: np.ndarray, candidates: int = CANDIDATES) -> None:
         """Each row of `logits` [n, vocab] with its top `candidates` replaced, in place, by exact float32
         values computed from that row's final hidden state `hidden` [n, d_model]."""
-        top = np.argpartition(-logits, candidates, axis=-1)[:, :candidates]
+        top = top_candidates(logits, candidates)
         exact = np.einsum("ncd,nd->nc", self.rows(top), hidden.astype(np.float32))
         np.put_along_axis(logits, top, exact, axis=-1)
