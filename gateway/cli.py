@@ -288,9 +288,12 @@ def scorer_eval(
     split: Annotated[str, typer.Option(help="train or test")] = "test",
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object")] = False,
 ) -> None:
-    """AUROC, Brier score and calibration of the scorer, per model, on a split (first-tier scoring)."""
+    """AUROC, Brier score and calibration of the scorer, per model, on a split (first-tier scoring), and the
+    AUROC of the model's own confidence over the answers that have one (what the scorer should match)."""
+    import numpy as np
+
     from scorer.grid_scores import score_grid
-    from scorer.quality import quality
+    from scorer.quality import auroc, quality
     from scorer.runtime import OnnxScorer, ScorerError
 
     try:
@@ -302,12 +305,18 @@ def scorer_eval(
     scores = score_grid(loaded, loaded.spec, part)
     report = {"dataset": grid.name, "split": split, "queries": len(part),
               "models": quality(scores.first, part.correct, part.models)}
+    for j, model in enumerate(part.models):
+        has = ~np.isnan(part.confidence[:, j])  # over the answers that have a confidence
+        own = auroc(part.confidence[has, j], part.correct[has, j]) if has.sum() > 1 else None
+        report["models"][model]["confidence_auroc"] = None if own is None else round(own, 4)
+        report["models"][model]["with_confidence"] = int(has.sum())
     if as_json:
         _echo_json(report)
         return
     for model, q in report["models"].items():
+        own = f"  (its confidence alone: {q['confidence_auroc']})" if q["confidence_auroc"] is not None else ""
         typer.echo(f"{model:36} AUROC {q['auroc'] if q['auroc'] is not None else '-':>6}  Brier {q['brier']:.4f}  "
-                   f"ECE {q['ece']:.4f}  accuracy {q['accuracy']:.4f}")
+                   f"ECE {q['ece']:.4f}  accuracy {q['accuracy']:.4f}{own}")
 
 
 @cascade_app.command("fit")

@@ -44,6 +44,8 @@ def save(trained: TrainedScorer, folder: str | Path, extra: dict[str, Any] | Non
         learner = trained.learners[model]
         entry: dict[str, Any] = {"train_accuracy": trained.accuracies[model],
                                  "uses_confidence": trained.uses_confidence[model]}
+        if model in trained.choices:
+            entry["choice"] = trained.choices[model]  # features and C chosen by query-grouped folds
         if isinstance(learner, float):
             entry["constant"] = learner
         elif learner is not None:
@@ -58,6 +60,7 @@ def save(trained: TrainedScorer, folder: str | Path, extra: dict[str, Any] | Non
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         **config.to_json(),
         "models": models,
+        **({"pooled_choice": trained.choices["pooled"]} if "pooled" in trained.choices else {}),
         **(extra or {}),
     }
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

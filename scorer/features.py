@@ -3,7 +3,8 @@
 Three groups, all computed in numpy from text and the model's own signals, so the gateway and training
 compute the very same vector:
 
-- signals: the model's confidence (summed token log-prob, where the provider gave one), answer length in
+- signals: the model's confidence (summed token log-prob, where the provider gave one; also the log of its
+  negation, the surprisal, which orders confident answers), answer length in
   characters, words and lines, refusal and hedging patterns, the answer's form (a bare choice letter,
   yes/no, code);
 - the query: hashed word unigrams and bigrams (what kind of question it is, how hard);
@@ -41,8 +42,12 @@ _YES_NO = re.compile(r"^\s*(yes|no)\b", re.IGNORECASE)
 
 #: A confidence below this is treated as this (log-probs of -inf or of very long answers).
 CONFIDENCE_FLOOR = -30.0
+#: The smallest surprisal (minus the log-prob) told apart by `log_surprisal`.
+SURPRISAL_FLOOR = 1e-8
+#: Bumped when the vectors change; a scorer trained on other vectors is refused at load.
+FEATURE_VERSION = 2
 SIGNALS = (
-    "has_confidence", "confidence", "p_confidence", "log_chars", "log_words", "log_lines", "empty",
+    "has_confidence", "confidence", "p_confidence", "log_surprisal", "log_chars", "log_words", "log_lines", "empty",
     "refusal", "hedge", "choice_letter", "yes_no", "code", "digits", "log_query_chars",
     "has_previous", "agrees_with_previous", "previous_accuracy", "agreeing_previous_accuracy", "agree_share",
 )
@@ -69,7 +74,7 @@ class FeatureSpec:
 
     query_buckets: int = 256
     answer_buckets: int = 64
-    version: int = 1
+    version: int = FEATURE_VERSION
 
     @property
     def size(self) -> int:
@@ -112,6 +117,9 @@ def signals(query: str, answer: str, confidence: float | None, previous: Sequenc
         1.0 if has_conf else 0.0,
         conf,
         math.exp(conf) if has_conf else 0.0,
+        # Confident answers' log-probs crowd near 0 (-1e-6 against -1e-3): their order shows on a log scale
+        # of the surprisal, which a linear term in the log-prob cannot see (version 2; docs/scorer.md).
+        math.log(max(-conf, SURPRISAL_FLOOR)) if has_conf else 0.0,
         math.log1p(len(stripped)),
         math.log1p(n_words),
         math.log1p(stripped.count("\n")),

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from scorer.features import FeatureSpec, Previous, featurize
+from scorer.features import FEATURE_VERSION, FeatureSpec, Previous, featurize
 from scorer.vectors import Layout, check_layout, learner_input
 
 
@@ -37,6 +37,10 @@ class OnnxScorer:
             raise ScorerError(f"{path} is not a frugal scorer manifest")
         self.manifest = manifest
         self.spec = FeatureSpec.from_json(manifest["spec"])
+        if self.spec.version != FEATURE_VERSION:
+            raise ScorerError(f"{path}: trained on feature vectors of version {self.spec.version}, and this build "
+                              f"computes version {FEATURE_VERSION}; train it again (frugal scorer train or "
+                              "frugal cascade fit)")
         self.layout: Layout = check_layout(manifest["layout"])
         self.models: tuple[str, ...] = tuple(manifest["models"])
         options = ort.SessionOptions()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from scorer.features import SIGNALS, FeatureSpec, Previous, featurize, normalize
 from scorer.grid_scores import score_grid
 from scorer.quality import auroc, quality
 from scorer.runtime import OnnxScorer, ScorerError
-from scorer.train import TrainConfig, fit
+from scorer.train import TrainConfig, fit, grouped_folds
 from scorer.vectors import after, first_tier_features
 from tests.cascade_data import synthetic_file, synthetic_rows
 
@@ -132,3 +133,55 @@ def test_auroc_and_reliability() -> None:
     assert report["m"]["auroc"] == 1.0 and report["m"]["n"] == 4
     assert sum(row["n"] for row in report["m"]["reliability"]) == 4
     assert math.isclose(report["m"]["brier"], (0.01 + 0.01 + 0.04 + 0.09) / 4, abs_tol=1e-4)
+
+
+def confident_rows(queries: int, seed: int) -> list[dict]:
+    """Every answer is confident (log-probs within 0.02 of 0), and which ones are right shows only in how
+    close to 0: right answers near -1e-4, wrong ones near -1e-2. Query text and answer lengths are noise."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for q in range(queries):
+        for name in ("small", "large"):
+            right = rng.random() < 0.6
+            surprisal = float(np.exp(rng.normal(-9.0 if right else -4.8, 0.8)))
+            rows.append({"dataset": "confident", "split": "train" if q % 2 == 0 else "test", "query_id": f"q{q}",
+                         "query": f"question {rng.integers(10**6)} {rng.integers(10**6)}", "model": name,
+                         "answer": "Paris" + " indeed" * int(rng.integers(0, 12)), "correct": float(right),
+                         "cost_usd": 1e-5,
+                         "confidence": -surprisal})
+    return rows
+
+
+def test_the_order_of_confident_answers_is_learned_and_noise_text_is_left_out(tmp_path: Path) -> None:
+    grid = grid_from_rows(confident_rows(400, seed=3))
+    trained = fit(grid.split("train"), TrainConfig(learner="logistic"))
+    assert trained.choices["small"]["features"] == "signals"  # the hashed text is noise here
+    loaded = OnnxScorer(save(trained, tmp_path / "s"))
+    test = grid.split("test")
+    scores = score_grid(loaded, loaded.spec, test).first
+    for j in range(2):
+        value = auroc(scores[:, j], test.correct[:, j])
+        assert value is not None and value > 0.9, value  # ~0.67 on a linear log-prob (noise lengths win)
+    # Served, the text the learner left out changes nothing (other words, the same length: a signal).
+    query = test.queries[0]
+    other = "z" * len(query)
+    a = loaded.score(query, "Paris", "small", float(test.confidence[0, 0]))
+    assert a == loaded.score(other, "Paris", "small", float(test.confidence[0, 0]))
+    assert a != loaded.score(query, "Paris", "small", float(test.confidence[0, 0]) * 30)
+
+
+def test_training_folds_hold_out_whole_queries() -> None:
+    groups = np.repeat(np.arange(50), 2)[np.random.default_rng(0).permutation(100)]
+    splits = grouped_folds(groups, 3, seed=1)
+    assert sorted(np.concatenate([held for _, held in splits]).tolist()) == list(range(100))
+    for train, held in splits:
+        assert not set(groups[train].tolist()) & set(groups[held].tolist())
+
+
+def test_a_scorer_of_older_feature_vectors_is_refused(tmp_path: Path, grid) -> None:
+    folder = save(fit(grid.split("train")), tmp_path / "s")
+    manifest = json.loads((folder / "scorer.json").read_text())
+    manifest["spec"]["version"] = 1
+    (folder / "scorer.json").write_text(json.dumps(manifest))
+    with pytest.raises(ScorerError, match="feature vectors of version 1"):
+        OnnxScorer(folder)
