@@ -28,7 +28,7 @@ from typing import Any, Literal
 import numpy as np
 
 from scorer.dataset import Grid
-from scorer.features import FeatureSpec
+from scorer.features import SIGNALS, FeatureSpec
 from scorer.vectors import Layout, after, first_tier_features, learner_input, normalized_answers
 
 Learner = Literal["logistic", "boosting"]
@@ -60,13 +60,12 @@ def grouped_folds(groups: np.ndarray, folds: int, seed: int) -> list[tuple[np.nd
     return [(np.flatnonzero(assigned != k), np.flatnonzero(assigned == k)) for k in range(folds)]
 
 
-def text_mask(n_columns: int) -> np.ndarray:
-    """Columns of the hashed query and answer text in a learner input: after the signals, up to the end of
-    the feature vector (a pooled input's model code and crossed signals follow it and are kept)."""
-    from scorer.features import SIGNALS  # noqa: PLC0415
-
+def text_mask(n_columns: int, features: int) -> np.ndarray:
+    """Columns of the hashed query and answer text in a learner input of `n_columns`: after the signals, up
+    to the end of the `features`-long feature vector (a pooled input's model code and crossed signals
+    follow it and are kept)."""
     mask = np.zeros(n_columns, dtype=bool)
-    mask[len(SIGNALS):n_columns] = True
+    mask[len(SIGNALS):features] = True
     return mask
 
 
@@ -105,9 +104,10 @@ def _masked(x: np.ndarray, columns: np.ndarray) -> np.ndarray:
     return out
 
 
-def fit_estimator(learner: Learner, x: np.ndarray, y: np.ndarray, groups: np.ndarray,
-                  seed: int) -> tuple[Any, dict[str, Any]]:
-    """A fitted calibrated scikit-learn classifier for rows `x` (query `groups`), and what was chosen."""
+def fit_estimator(learner: Learner, x: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int,
+                  features: int) -> tuple[Any, dict[str, Any]]:
+    """A fitted calibrated scikit-learn classifier for rows `x` (query `groups`; the first `features` columns
+    are the feature vector), and what was chosen."""
     from sklearn.calibration import CalibratedClassifierCV  # noqa: PLC0415
     from sklearn.ensemble import GradientBoostingClassifier  # noqa: PLC0415
     from sklearn.linear_model import LogisticRegression  # noqa: PLC0415
@@ -119,7 +119,7 @@ def fit_estimator(learner: Learner, x: np.ndarray, y: np.ndarray, groups: np.nda
         # No StandardScaler in front: skl2onnx 1.20 exports a scaler pipeline inside
         # CalibratedClassifierCV wrongly (probabilities off by up to 0.5, measured); the features are
         # already on comparable scales (hashed groups L2-normalised, signals logs and flags).
-        text = text_mask(x.shape[1])
+        text = text_mask(x.shape[1], features)
         choice = choose_logistic(x, y, text, splits)
         xs = _masked(x, text) if choice["features"] == "signals" else x
         estimator = CalibratedClassifierCV(LogisticRegression(C=choice["C"], max_iter=3000), method="sigmoid",
@@ -215,7 +215,7 @@ def fit(grid: Grid, config: TrainConfig = TrainConfig(),
                 ys.append(y)
                 gs.append(query_groups(len(y), len(grid)))
             pooled, choices["pooled"] = fit_estimator(config.learner, np.vstack(xs), np.concatenate(ys),
-                                                      np.concatenate(gs), config.seed)
+                                                      np.concatenate(gs), config.seed, config.spec.size)
         for j, model in enumerate(grid.models):
             x, y = rows[j]
             if np.all(y == y[0]):
@@ -224,7 +224,7 @@ def fit(grid: Grid, config: TrainConfig = TrainConfig(),
                 if progress:
                     progress(f"{model}: {len(y)} rows")
                 learners[model], choices[model] = fit_estimator(config.learner, x, y, query_groups(len(y), len(grid)),
-                                                                config.seed)
+                                                                config.seed, config.spec.size)
             else:
                 learners[model] = None
     return TrainedScorer(config=config, models=grid.models,

@@ -15,7 +15,7 @@ from scorer.features import SIGNALS, FeatureSpec, Previous, featurize, normalize
 from scorer.grid_scores import score_grid
 from scorer.quality import auroc, quality
 from scorer.runtime import OnnxScorer, ScorerError
-from scorer.train import TrainConfig, fit, grouped_folds
+from scorer.train import TrainConfig, fit, grouped_folds, text_mask
 from scorer.vectors import after, first_tier_features
 from tests.cascade_data import synthetic_file, synthetic_rows
 
@@ -185,3 +185,11 @@ def test_a_scorer_of_older_feature_vectors_is_refused(tmp_path: Path, grid) -> N
     (folder / "scorer.json").write_text(json.dumps(manifest))
     with pytest.raises(ScorerError, match="feature vectors of version 1"):
         OnnxScorer(folder)
+
+
+def test_leaving_text_out_keeps_the_signals_and_a_pooled_learners_model_code() -> None:
+    spec = FeatureSpec()
+    pooled_columns = spec.size + 3 + 3 * len(SIGNALS)  # three models: one-hot code, crossed signals
+    mask = text_mask(pooled_columns, spec.size)
+    assert not mask[:len(SIGNALS)].any() and not mask[spec.size:].any()
+    assert mask[len(SIGNALS):spec.size].all()
