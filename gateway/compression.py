@@ -15,15 +15,16 @@ from router.compression import CompressionPolicy, CompressionRules, Compressor, 
 def _policy(block: CompressionConfig) -> CompressionPolicy:
     return CompressionPolicy(target_ratio=block.target_ratio, min_prompt_tokens=block.min_prompt_tokens,
                              keep_recent=block.keep_recent, unit=block.unit,
-                             min_input_usd_per_mtok=block.min_input_usd_per_mtok)
+                             min_input_usd_per_mtok=block.min_input_usd_per_mtok,
+                             question_aware=block.question_aware)
 
 
 def scorer_loader(config: CompressorConfig) -> Callable[[], TokenScorer]:
     def load() -> TokenScorer:
         from workers.local.surprisal import SurprisalModel, build_surprisal_model  # noqa: PLC0415
 
-        return SurprisalModel(build_surprisal_model(config.layers), head_vocab=config.head_vocab,
-                              window=config.window, threads=config.threads)
+        return SurprisalModel(build_surprisal_model(config.layers, config.head_vocab), window=config.window,
+                              threads=config.threads)
 
     return load
 

@@ -62,6 +62,9 @@ class CompressionConfig(_Strict):
     keep_recent: int = Field(default=2, ge=0)
     #: What is dropped: whole words (readable), single tokens, or whole sentences.
     unit: Literal["word", "token", "sentence"] = "word"
+    #: Drop the sentences least relevant to the question (the last user message) first, as LongLLMLingua's
+    #: coarse stage does; surprisal then orders units within equally relevant sentences.
+    question_aware: bool = False
 
 
 class CompressorConfig(_Strict):

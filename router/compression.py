@@ -13,11 +13,17 @@ The policy (docs/compression.md):
   punctuation), a word scores the mean surprisal of its tokens, and words are dropped lowest first until
   the compressible tokens are down to `target_ratio` of what they were. Line breaks are always kept, so
   lists and paragraphs keep their shape.
+- **Question-aware** (`question_aware`, off by default), after LongLLMLingua's coarse stage: the sentences
+  least relevant to the question go first, and only within equally relevant sentences does surprisal
+  decide. Relevance is lexical: the question's words that a sentence contains, each weighted by how rare it
+  is among the text's sentences (BM25's inverse document frequency), so a sentence that names what the
+  question asks about outranks one that only shares its common words.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 import threading
 import time
@@ -34,6 +40,7 @@ from workers.pricing import TokenPrice
 #: A word starts at a token whose text begins with a space or a line break, or that is punctuation.
 _WORD_START = re.compile(r"^[\s]|^[^\w\s]")
 _PARAGRAPH = re.compile(r"\n\s*\n")
+_WORD = re.compile(r"\w+")
 UnitScore = Literal["sum", "mean", "max"]
 Unit = Literal["word", "token", "sentence"]
 _AGGREGATES: dict[str, Callable[[np.ndarray], float]] = {"sum": np.sum, "mean": np.mean, "max": np.max}
@@ -70,6 +77,8 @@ class CompressionPolicy:
     unit_score: UnitScore | None = None
     #: Only before models whose input price, in USD per million tokens, is at least this.
     min_input_usd_per_mtok: float = 0.0
+    #: Drop the sentences least relevant to the question first (surprisal orders units within them).
+    question_aware: bool = False
 
 
 @dataclass(slots=True)
@@ -135,6 +144,17 @@ def compressible_parts(request: GenerationRequest, keep_recent: int) -> list[Par
     return parts
 
 
+def question_of(request: GenerationRequest) -> str:
+    """What the request asks: the last user message of a chat (its text), the last paragraph of a prompt."""
+    if request.kind == "completion":
+        return _split_last_paragraph(request.prompt)[1]
+    users = [m.get("content") for m in request.messages if m.get("role") == "user"]
+    content = users[-1] if users else ""
+    if isinstance(content, list):  # text parts of a multimodal message
+        return " ".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return content if isinstance(content, str) else ""
+
+
 def _split_first_paragraph(text: str) -> tuple[str, str]:
     """(the first paragraph with the blank line after it, the rest)."""
     match = _PARAGRAPH.search(text)
@@ -160,13 +180,40 @@ def _starts_unit(text: str, scored: Scored, i: int, unit: Unit) -> bool:
     return bool(gap) or (bool(_WORD_START.match(piece)) and not previous.isspace())
 
 
+def _units(scored: Scored, text: str, unit: Unit) -> list[tuple[int, int]]:
+    """The token ranges [(first, end)] of the text's units."""
+    count = len(scored.surprisal)
+    starts = [0] + [i for i in range(1, count) if _starts_unit(text, scored, i, unit)]
+    return list(zip(starts, [*starts[1:], count], strict=True))
+
+
+def sentence_relevance(scored: Scored, text: str, question: str) -> np.ndarray:
+    """For each token, how relevant its sentence is to `question`: the sum, over the question's words that
+    the sentence contains (lower-cased), of their BM25 inverse document frequency among the text's
+    sentences, log(1 + (n - df + 0.5) / (df + 0.5)). 0 for a sentence that shares no word with it."""
+    relevance = np.zeros(len(scored.surprisal))
+    asked = set(_WORD.findall(question.lower()))
+    if not asked or not len(relevance):
+        return relevance
+    sentences = _units(scored, text, "sentence")
+    words = [asked.intersection(_WORD.findall(text[scored.starts[a]:scored.ends[b - 1]].lower()))
+             for a, b in sentences]
+    frequency: dict[str, int] = {}
+    for shared in words:
+        for word in shared:
+            frequency[word] = frequency.get(word, 0) + 1
+    n = len(sentences)
+    weight = {w: math.log(1 + (n - df + 0.5) / (df + 0.5)) for w, df in frequency.items()}
+    for (a, b), shared in zip(sentences, words, strict=True):
+        relevance[a:b] = sum(weight[w] for w in shared)
+    return relevance
+
+
 def drop_order(scored: Scored, text: str, unit: Unit = "word",
                unit_score: UnitScore | None = None) -> tuple[list[tuple[int, int]], np.ndarray, np.ndarray]:
     """The units a text can lose: their token ranges [(first, end)], their scores (the sum, mean or max of
     their tokens' surprisal) and a mask of units that are never dropped (line breaks)."""
-    count = len(scored.surprisal)
-    starts = [0] + [i for i in range(1, count) if _starts_unit(text, scored, i, unit)]
-    units = list(zip(starts, [*starts[1:], count], strict=True))
+    units = _units(scored, text, unit)
     aggregate = _AGGREGATES[unit_score or ("mean" if unit == "sentence" else "sum")]
     scores = np.array([float(aggregate(scored.surprisal[a:b])) for a, b in units])
     fixed = np.array(["\n" in text[scored.starts[a]:scored.ends[b - 1]] for a, b in units], dtype=bool)
@@ -174,14 +221,16 @@ def drop_order(scored: Scored, text: str, unit: Unit = "word",
 
 
 def units_to_keep(units: list[tuple[int, int]], scores: np.ndarray, fixed: np.ndarray,
-                  target_ratio: float) -> np.ndarray:
+                  target_ratio: float, relevance: np.ndarray | None = None) -> np.ndarray:
     """Which units stay: the lowest-scored droppable units go first (ties: the earlier first) until at most
-    `target_ratio` of the tokens are left, or nothing droppable is."""
+    `target_ratio` of the tokens are left, or nothing droppable is. With `relevance` (per unit), the least
+    relevant units go first, and scores order only units of equal relevance."""
     count = units[-1][1] if units else 0
     to_remove = count - int(np.ceil(target_ratio * count))
     keep = np.ones(len(units), dtype=bool)
     removed = 0
-    for unit in np.lexsort((np.arange(len(units)), scores)):
+    keys = (np.arange(len(units)), scores) if relevance is None else (np.arange(len(units)), scores, relevance)
+    for unit in np.lexsort(keys):
         if removed >= to_remove:
             break
         if fixed[unit] or not np.isfinite(scores[unit]):
@@ -192,14 +241,17 @@ def units_to_keep(units: list[tuple[int, int]], scores: np.ndarray, fixed: np.nd
 
 
 def compress_text(scored: Scored, text: str, target_ratio: float, unit: Unit = "word",
-                  unit_score: UnitScore | None = None) -> CompressedText:
+                  unit_score: UnitScore | None = None, question: str | None = None) -> CompressedText:
     """`text` without its least informative units, down to `target_ratio` of its tokens (or as close as the
-    units that must stay allow)."""
+    units that must stay allow); given a `question`, its sentences least relevant to it go first."""
     count = len(scored.surprisal)
     if count == 0:
         return CompressedText(text, 0, 0)
     units, scores, fixed = drop_order(scored, text, unit, unit_score)
-    keep = units_to_keep(units, scores, fixed, target_ratio)
+    relevance = None
+    if question is not None:
+        relevance = sentence_relevance(scored, text, question)[[a for a, _ in units]]
+    keep = units_to_keep(units, scores, fixed, target_ratio, relevance)
     bounds = np.concatenate([scored.starts[1:], [len(text)]])  # a token's text runs to the next one's start
     pieces = [text[(0 if a == 0 else scored.starts[a]):bounds[b - 1]]
               for (a, b), kept in zip(units, keep, strict=True) if kept]
@@ -243,8 +295,9 @@ class Compressor:
             return outcome
         messages = [dict(m) for m in request.messages]
         prompt = request.prompt
+        question = question_of(request) if policy.question_aware else None
         for part, tokens in scored:
-            done = compress_text(tokens, part.text, policy.target_ratio, policy.unit, policy.unit_score)
+            done = compress_text(tokens, part.text, policy.target_ratio, policy.unit, policy.unit_score, question)
             outcome.texts.append(done)
             if part.index == -1:
                 prompt = part.prefix + done.text + part.suffix

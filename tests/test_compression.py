@@ -19,6 +19,8 @@ from router.compression import (
     compress_text,
     compressible_parts,
     drop_order,
+    question_of,
+    sentence_relevance,
     trace_record,
 )
 from router.trace import DecisionTrace
@@ -116,6 +118,51 @@ def test_units_are_dropped_lowest_surprisal_first_down_to_the_ratio() -> None:
     assert compress_text(scored(text, words, surprisal), text, target_ratio=1.0).text == text
 
 
+NOTES = [" Valves were replaced in March.", " The room number of Omar is 6081.", " The lockers are by the door.",
+         " The room number of Grace is 9376.", " Grace likes the garden."]
+
+
+def test_a_sentence_is_as_relevant_as_the_rare_question_words_it_holds() -> None:
+    text = "".join(NOTES)
+    pieces = [w for sentence in NOTES for w in sentence.replace(".", " .").split(" ") if w]
+    pieces = [(" " if w != "." else "") + w for w in pieces]
+    tokens = scored(text, pieces, [1.0] * len(pieces))
+    relevance = sentence_relevance(tokens, text, "What is the room number of Grace?")
+    by_sentence = [relevance[a] for a, _ in drop_order(tokens, text, unit="sentence")[0]]
+    valves, omar, lockers, grace, garden = by_sentence
+    assert valves == 0 and lockers > 0  # "the" only, in four of five sentences: a small weight
+    assert grace > omar > garden > lockers  # "room", "number", "of" in two sentences; "grace" in two
+    assert grace == pytest.approx(omar + garden - lockers)  # grace's = omar's words + "grace" (+ "the" once)
+    assert (relevance[:len(NOTES[0].split())] == 0).all()
+    assert not sentence_relevance(tokens, text, "").any()
+
+
+def test_question_aware_compression_drops_the_least_relevant_sentences_first() -> None:
+    """Surprisal alone would keep the surprising sentences about valves and lockers; with the question, the
+    fact it asks for stays, and surprisal only orders sentences that are equally relevant."""
+    text = "".join(NOTES)
+    pieces = [w for sentence in NOTES for w in sentence.replace(".", " .").split(" ") if w]
+    pieces = [(" " if w != "." else "") + w for w in pieces]
+    surprisal = [9.0] * len(pieces)
+    grace_start = len(" ".join(NOTES[:3]).replace(".", " .").split())
+    for i in range(grace_start, grace_start + 8):  # the Grace fact is the least surprising sentence
+        surprisal[i] = 0.5
+    tokens = scored(text, pieces, surprisal)
+    agnostic = compress_text(tokens, text, target_ratio=0.3, unit="sentence")
+    aware = compress_text(tokens, text, target_ratio=0.3, unit="sentence", question="Room number of Grace?")
+    assert "9376" not in agnostic.text
+    assert aware.text == NOTES[3] and aware.tokens_after <= 0.3 * aware.tokens_before
+    assert "9376" in compress_text(tokens, text, target_ratio=0.3, question="Room number of Grace?").text
+
+
+def test_the_question_is_the_last_user_message_or_the_last_paragraph() -> None:
+    assert question_of(GenerationRequest("chat", messages=CHAT)) == "The question?"
+    multimodal = [{"role": "user", "content": [{"type": "text", "text": "Which room?"}, {"type": "image_url"}]}]
+    assert question_of(GenerationRequest("chat", messages=multimodal)) == "Which room?"
+    assert question_of(GenerationRequest("completion", prompt="Doc.\n\nQ: which room?")) == "Q: which room?"
+    assert question_of(GenerationRequest("chat", messages=[{"role": "system", "content": "x"}])) == ""
+
+
 def test_line_breaks_and_unscored_tokens_stay_whatever_the_ratio() -> None:
     pieces = ["First", " line", "\n", " second", " line"]
     text = "".join(pieces)
@@ -189,13 +236,15 @@ models:
      compression: {target_ratio: 0.4, min_prompt_tokens: 100}}
   - {name: small, backend: openai/small}
 routes:
-  - {name: auto, models: [small, big], compression: {min_input_usd_per_mtok: 1.0, keep_recent: 4, unit: token}}
+  - {name: auto, models: [small, big], compression: {min_input_usd_per_mtok: 1.0, keep_recent: 4, unit: token,
+                                                     question_aware: true}}
 compressor: {layers: 4, head_vocab: 2048}
 """)
     rules = build_compression(config)
     assert rules is not None
     assert rules.models["big"] == CompressionPolicy(target_ratio=0.4, min_prompt_tokens=100)
-    assert rules.routes["auto"] == CompressionPolicy(keep_recent=4, unit="token", min_input_usd_per_mtok=1.0)
+    assert rules.routes["auto"] == CompressionPolicy(keep_recent=4, unit="token", min_input_usd_per_mtok=1.0,
+                                                     question_aware=True)
     assert config.compressor.layers == 4
     off = parse_config("models:\n  - {name: big, backend: openai/big, compression: {enabled: false}}\n")
     assert build_compression(off) is None

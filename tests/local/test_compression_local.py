@@ -14,6 +14,7 @@ import pytest
 from router.compression import CompressionPolicy, Compressor, compressible_parts, drop_order, units_to_keep
 from tests.harness import Gateway, Service, model_entry
 from workers.backend import GenerationRequest
+from workers.local.gguf_model import GGUFModel
 from workers.local.surprisal import SurprisalModel, build_surprisal_model
 
 LAYERS = 2
@@ -45,15 +46,33 @@ def chat(notes: str = NOTES) -> list[dict[str, str]]:
     return [{"role": "system", "content": f"{INSTRUCTION}\n\n{notes}"}, {"role": "user", "content": QUESTION}]
 
 
-def test_the_normalizer_over_the_full_head_is_an_exact_log_softmax(scoring_dir: Path) -> None:
-    full = SurprisalModel(scoring_dir, head_vocab=10**9, threads=2)
+def numpy_surprisal(hidden: np.ndarray, embedding: np.ndarray, ids: np.ndarray, head: int) -> np.ndarray:
+    """-log p(ids[i + 1]) in float64: the following token's logit against the log-sum-exp over the first
+    `head` output rows and that token (when it is not among them)."""
+    h = hidden[:-1].astype(np.float64)
+    target = (h * embedding[ids[1:]]).sum(axis=1)
+    logits = h @ embedding[:head].astype(np.float64).T
+    logits = np.concatenate([logits, np.where(ids[1:] >= head, target, -np.inf)[:, None]], axis=1)
+    peak = logits.max(axis=1)
+    return peak + np.log(np.exp(logits - peak[:, None]).sum(axis=1)) - target
+
+
+def test_the_graph_computes_the_log_softmax_over_its_head_rows(models_root: Path, smollm2_source: Path,
+                                                               scorer: SurprisalModel) -> None:
+    """The surprisal the graph returns, against numpy from the graph's own hidden states: over every output
+    row it is the exact log-softmax, over the first rows the log-softmax over them and the following token."""
+    embedding = GGUFModel(smollm2_source).tensor("token_embd.weight")
+    full = SurprisalModel(build_surprisal_model(LAYERS, 10**9, root=models_root, source=smollm2_source), threads=2)
+    assert full.head_vocab == embedding.shape[0] > scorer.head_vocab
     ids = np.asarray(full.tokenizer.encode(NOTES[:300]).ids, dtype=np.int64)
-    hidden = full.hidden_states(ids)[:-1]
-    logits = hidden @ full.embedding.astype(np.float32).T
-    peak = logits.max(axis=1, keepdims=True)
-    log_softmax = logits - peak - np.log(np.exp(logits - peak).sum(axis=1, keepdims=True))
-    expected = -log_softmax[np.arange(len(ids) - 1), ids[1:]]
-    np.testing.assert_allclose(full.window_surprisal(ids), expected, rtol=1e-4, atol=1e-3)
+    assert (ids >= scorer.head_vocab).any() and (ids < scorer.head_vocab).any()
+    hidden = full.hidden_states(ids)
+    np.testing.assert_array_equal(scorer.hidden_states(ids), hidden)  # the same layers
+    exact = numpy_surprisal(hidden, embedding, ids, len(embedding))
+    np.testing.assert_allclose(full.window_surprisal(ids), exact, rtol=1e-4, atol=1e-3)
+    partial = numpy_surprisal(hidden, embedding, ids, scorer.head_vocab)
+    np.testing.assert_allclose(scorer.window_surprisal(ids), partial, rtol=1e-4, atol=1e-3)
+    assert (partial < exact - 1e-3).any()  # fewer rows, a smaller normalizer: the two checks differ
 
 
 def test_the_early_exit_ranks_tokens_like_the_full_model_only_roughly(scorer: SurprisalModel, models_root: Path,

@@ -235,11 +235,14 @@ def build_llama_graph(model: GGUFModel, quant: Quant, out_path: Path,
 
 
 def build_hidden_graph(model: GGUFModel, quant: Quant, out_path: Path, *, layers: int,
-                       accuracy_level: int = ACCURACY_LEVEL, progress: Callable[[str], None] | None = None) -> Path:
+                       accuracy_level: int = ACCURACY_LEVEL, surprisal_rows: int | None = None,
+                       progress: Callable[[str], None] | None = None) -> Path:
     """Write an early-exit graph: the first `layers` layers, the final norm, and no output layer; it returns
-    the final hidden state of every position (`workers.local.surprisal` scores prompts with it)."""
+    the final hidden state of every position and, with `surprisal_rows`, each token's surprisal given the
+    tokens before it, normalized over that many rows of the output layer (`_surprisal`;
+    `workers.local.surprisal` scores prompts with it)."""
     proto = _llama_proto(model, _Graph(quant, accuracy_level, accuracy_level), progress or (lambda _msg: None),
-                         None, layers=layers, head=False)
+                         None, layers=layers, head=False, surprisal_rows=surprisal_rows)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save_model(proto, str(out_path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=out_path.name + ".data", size_threshold=1024)
@@ -247,10 +250,12 @@ def build_hidden_graph(model: GGUFModel, quant: Quant, out_path: Path, *, layers
 
 
 def _llama_proto(model: GGUFModel, g: _Graph, say: Callable[[str], None],
-                 max_positions: int | None, layers: int | None = None, head: bool = True) -> onnx.ModelProto:
+                 max_positions: int | None, layers: int | None = None, head: bool = True,
+                 surprisal_rows: int | None = None) -> onnx.ModelProto:
     """The decoder graph. `layers` keeps only the first layers (an early-exit model: the final norm follows
     the last kept layer); `head=False` leaves out the output layer, so the graph returns the final hidden
-    state of every position (`hidden`) and takes no `logits_to_keep`."""
+    state of every position (`hidden`) and takes no `logits_to_keep`; `surprisal_rows` (with `head=False`)
+    adds the output `surprisal` (`_surprisal`)."""
     shape = model.shape
     n_layers = shape.n_layers if layers is None else max(1, min(layers, shape.n_layers))
     positions = max_positions or min(shape.context_length, 8192)
@@ -265,6 +270,8 @@ def _llama_proto(model: GGUFModel, g: _Graph, say: Callable[[str], None],
                    helper.make_tensor_value_info("hidden", TensorProto.FLOAT, ["batch", "kept", shape.d_model])]
     else:
         outputs = [helper.make_tensor_value_info("hidden", TensorProto.FLOAT, ["batch", "seq", shape.d_model])]
+        if surprisal_rows:
+            outputs.append(helper.make_tensor_value_info("surprisal", TensorProto.FLOAT, ["batch", "following"]))
     for i in range(n_layers):
         for kind in ("key", "value"):
             inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", TensorProto.FLOAT, kv_dims))
@@ -282,7 +289,8 @@ def _llama_proto(model: GGUFModel, g: _Graph, say: Callable[[str], None],
 
     say("embeddings")
     embedding = model.tensor("token_embd.weight")  # [vocab, d_model]
-    x = g.op1("Gather", [g.const("embed_tokens", embedding), "input_ids"], axis=0)
+    embed_tokens = g.const("embed_tokens", embedding)
+    x = g.op1("Gather", [embed_tokens, "input_ids"], axis=0)
     scale = 1.0 / float(np.sqrt(shape.head_dim))
 
     def norm_with_residual(delta: str | None, residual: str, weight_name: str, tensor: str) -> tuple[str, str]:
@@ -326,6 +334,10 @@ def _llama_proto(model: GGUFModel, g: _Graph, say: Callable[[str], None],
     x, _ = norm_with_residual(delta, x, "output_norm", "output_norm.weight")
     if not head:
         g.nodes.append(helper.make_node("Identity", [x], ["hidden"], name="hidden_out"))
+        if surprisal_rows:
+            output = embed_tokens if shape.tied_output else g.const("output_weight", model.tensor("output.weight"))
+            output_rows = model.tensor("token_embd.weight" if shape.tied_output else "output.weight")
+            _surprisal(g, x, output, output_rows[:surprisal_rows], "surprisal")
         return _model_proto(g, shape, inputs, outputs)
     start = g.op1("Neg", ["logits_to_keep"])
     kept = g.op1("Slice", [x, start, g.const("slice_end", np.array([np.iinfo(np.int64).max], dtype=np.int64)),
@@ -336,6 +348,28 @@ def _llama_proto(model: GGUFModel, g: _Graph, say: Callable[[str], None],
     # The final hidden state, for exact re-scoring of the top candidates (see workers/local/head.py).
     g.nodes.append(helper.make_node("Identity", [kept], ["hidden"], name="hidden_out"))
     return _model_proto(g, shape, inputs, outputs)
+
+
+def _surprisal(g: _Graph, x: str, output: str, head_rows: np.ndarray, name: str) -> None:
+    """`name` [batch, seq - 1]: -log p(token i + 1 | tokens up to i) from the final hidden states `x` and the
+    output layer `output` [vocab, d_model]: the exact logit of the token that follows, against the
+    log-sum-exp over `head_rows` (the output layer's first rows, the most frequent tokens: BPE ids follow
+    merge order) and that token when it is not among them. With every row it is the exact log-softmax
+    (tested); the whole 49k-row product would cost more than the early exit's layers."""
+
+    def ints(label: str, *values: int) -> str:
+        return g.const(f"{name}_{label}", np.array(values, np.int64))
+
+    last, seq = ints("last_axis", -1), ints("seq_axis", 1)
+    before = g.op1("Slice", [x, ints("zero", 0), ints("minus_one", -1), seq])  # positions 0 .. n-2
+    following = g.op1("Slice", ["input_ids", ints("one", 1), ints("end", 2**62), seq])  # tokens 1 .. n-1
+    target = g.op1("ReduceSum", [g.op1("Mul", [before, g.op1("Gather", [output, following], axis=0)]), last],
+                   keepdims=1)  # [batch, n-1, 1]
+    logits = g.op1("MatMul", [before, g.const(f"{name}_head_t", np.ascontiguousarray(head_rows.T))])
+    outside = g.op1("Unsqueeze", [g.op1("GreaterOrEqual", [following, ints("rows", head_rows.shape[0])]), last])
+    extra = g.op1("Where", [outside, target, g.const(f"{name}_minus_inf", np.array(-np.inf, np.float32))])
+    total = g.op1("ReduceLogSumExp", [g.op1("Concat", [logits, extra], axis=-1), last], keepdims=0)
+    g.nodes.append(helper.make_node("Sub", [total, g.op1("Squeeze", [target, last])], [name], name=g.name("Sub")))
 
 
 def _model_proto(g: _Graph, shape: LlamaShape, inputs: list[onnx.ValueInfoProto],

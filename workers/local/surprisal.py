@@ -7,10 +7,12 @@ same builder (`workers.local.llama_graph`) from the same GGUF:
 
 - **the first `layers` layers only**, followed by the model's final norm (an early exit, "logit lens"),
   with int8 activations (the fast CPU path) and no KV cache kept: one pass over each window of the text;
-- **no output layer in the graph**: the graph returns the final hidden state of every position, and the
-  log-probability is computed in numpy from the tied embedding: the exact logit of the token that follows,
-  normalized over the `head_vocab` most frequent tokens (BPE ids are in merge order, so the lowest ids are
-  the most frequent pieces) plus that token. The full 49k-row head would cost more than all the layers.
+- **a partial output layer in the graph**: the exact logit of the token that follows, normalized over the
+  `head_vocab` most frequent tokens (BPE ids are in merge order, so the lowest ids are the most frequent
+  pieces) plus that token, so the graph returns the surprisal itself. The full 49k-row head would cost more
+  than all the layers; computed in numpy beside onnxruntime it cost more than the layers too (numpy's BLAS
+  threads and onnxruntime's spinning ones took turns on two cores: 44 ms a 512-token window, against 6 ms for
+  the same product inside the graph; measured).
 
 The trade-off between `layers`, `head_vocab`, speed and what the compression keeps is measured in
 `bench/compression.py` (docs/compression.md). Nothing is built or loaded at import.
@@ -36,24 +38,27 @@ DEFAULT_LAYERS = 1
 DEFAULT_HEAD_VOCAB = 4096
 #: Tokens scored in one pass; longer texts are cut into windows scored independently.
 DEFAULT_WINDOW = 512
-EMBEDDING_FILE = "embedding_f16.npy"
 GRAPH_FILE = "model.onnx"
+#: The scoring model's own format, beside the builder's version: 2 = the surprisal computed in the graph.
+SURPRISAL_FORMAT = 2
 
 
-def surprisal_folder(layers: int, root: Path | None = None, name: str = "smollm2-135m-instruct") -> Path:
-    return (root or models_dir()) / f"{name}-surprisal-l{layers}"
+def surprisal_folder(layers: int, head_vocab: int = DEFAULT_HEAD_VOCAB, root: Path | None = None,
+                     name: str = "smollm2-135m-instruct") -> Path:
+    return (root or models_dir()) / f"{name}-surprisal-l{layers}-h{head_vocab}"
 
 
-def build_surprisal_model(layers: int = DEFAULT_LAYERS, *, root: Path | None = None, source: Path | None = None,
-                          name: str = "smollm2-135m-instruct", force: bool = False,
-                          progress: Callable[[str], None] | None = None) -> Path:
+def build_surprisal_model(layers: int = DEFAULT_LAYERS, head_vocab: int = DEFAULT_HEAD_VOCAB, *,
+                          root: Path | None = None, source: Path | None = None, name: str = "smollm2-135m-instruct",
+                          force: bool = False, progress: Callable[[str], None] | None = None) -> Path:
     """Build (once) the early-exit scoring model: the first `layers` layers of the GGUF's decoder with int8
-    activations and no output layer, its tokenizer, and the output embedding as float16. Returns the folder."""
+    activations, and the surprisal normalized over the first `head_vocab` output rows (all of them when it
+    is at least the vocabulary), with its tokenizer. Returns the folder."""
     from workers.local.gguf_model import GGUFModel, file_sha256  # noqa: PLC0415
     from workers.local.gguf_tokenizer import load_gguf_tokenizer, save_tokenizer  # noqa: PLC0415
     from workers.local.llama_graph import COMPUTE_LEVELS, build_hidden_graph  # noqa: PLC0415
 
-    out = surprisal_folder(layers, root, name)
+    out = surprisal_folder(layers, head_vocab, root, name)
     if _is_current(out) and not force:
         return out
     say = progress or (lambda _message: None)
@@ -65,12 +70,12 @@ def build_surprisal_model(layers: int = DEFAULT_LAYERS, *, root: Path | None = N
     tokenizer = load_gguf_tokenizer(source)
     staging.mkdir(parents=True)
     save_tokenizer(tokenizer.tokenizer, staging, tokenizer.info, tokenizer.chat_template)
+    head_vocab = min(head_vocab, model.shape.vocab)
     build_hidden_graph(model, "int8", staging / GRAPH_FILE, layers=layers, accuracy_level=COMPUTE_LEVELS["int8"],
-                       progress=say)
-    output = "token_embd.weight" if model.shape.tied_output else "output.weight"
-    np.save(staging / EMBEDDING_FILE, model.tensor(output).astype(np.float16))
-    config = {"name": name, "kind": "surprisal", "layers": layers, "shape": model.shape.to_json(),
-              "builder_version": BUILDER_VERSION, "source": str(source), "source_sha256": file_sha256(source),
+                       surprisal_rows=head_vocab, progress=say)
+    config = {"name": name, "kind": "surprisal", "layers": layers, "head_vocab": head_vocab,
+              "shape": model.shape.to_json(), "builder_version": BUILDER_VERSION,
+              "surprisal_format": SURPRISAL_FORMAT, "source": str(source), "source_sha256": file_sha256(source),
               "build_seconds": round(time.perf_counter() - started, 2)}
     (staging / MODEL_FILE).write_text(json.dumps(config, indent=2) + "\n")
     shutil.rmtree(out, ignore_errors=True)
@@ -80,9 +85,10 @@ def build_surprisal_model(layers: int = DEFAULT_LAYERS, *, root: Path | None = N
 
 def _is_current(folder: Path) -> bool:
     try:
-        return json.loads((folder / MODEL_FILE).read_text()).get("builder_version") == BUILDER_VERSION
+        config = json.loads((folder / MODEL_FILE).read_text())
     except (OSError, ValueError):
         return False
+    return config.get("builder_version") == BUILDER_VERSION and config.get("surprisal_format") == SURPRISAL_FORMAT
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,8 +107,7 @@ class TokenSurprisal:
 class SurprisalModel:
     """Scores texts with a built surprisal model; thread-safe (one pass at a time)."""
 
-    def __init__(self, model_dir: Path, *, head_vocab: int = DEFAULT_HEAD_VOCAB, window: int = DEFAULT_WINDOW,
-                 threads: int | None = None) -> None:
+    def __init__(self, model_dir: Path, *, window: int = DEFAULT_WINDOW, threads: int | None = None) -> None:
         import onnxruntime as ort  # noqa: PLC0415
 
         from workers.local.gguf_tokenizer import load_tokenizer  # noqa: PLC0415
@@ -111,6 +116,7 @@ class SurprisalModel:
         config = json.loads((self.model_dir / MODEL_FILE).read_text())
         shape = config["shape"]
         self.layers = int(config["layers"])
+        self.head_vocab = int(config["head_vocab"])
         self.window = max(2, window)
         self._kv_shape = (1, shape["n_kv_heads"], 0, shape["head_dim"])
         options = ort.SessionOptions()
@@ -121,9 +127,6 @@ class SurprisalModel:
                                             providers=["CPUExecutionProvider"])
         self._kv_names = [i.name for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
         self.tokenizer = load_tokenizer(self.model_dir).tokenizer
-        self.embedding = np.load(self.model_dir / EMBEDDING_FILE)  # float16 [vocab, d_model]
-        self.head_vocab = min(head_vocab, self.embedding.shape[0])
-        self._head_t = np.ascontiguousarray(self.embedding[:self.head_vocab].astype(np.float32).T)
         self._lock = threading.Lock()
 
     def count_tokens(self, text: str) -> int:
@@ -143,27 +146,18 @@ class SurprisalModel:
 
     def window_surprisal(self, ids: np.ndarray) -> np.ndarray:
         """-log p(ids[i] | ids[:i]) for i = 1 .. len(ids) - 1, in one pass."""
-        hidden = self.hidden_states(ids)[:-1]  # position i predicts token i + 1
-        following = ids[1:]
-        target = np.einsum("nd,nd->n", hidden, self.embedding[following].astype(np.float32))
-        logits = hidden @ self._head_t  # [n, head_vocab]
-        # The normalizer over the head's tokens plus the token that follows (when it is not among them).
-        peak = np.maximum(logits.max(axis=1), target)
-        total = np.exp(logits - peak[:, None]).sum(axis=1)
-        outside = following >= self.head_vocab
-        total = total + np.where(outside, np.exp(target - peak), 0.0)
-        return (np.log(total) + peak - target).astype(np.float32)
+        return self._run(ids, "surprisal")
 
     def hidden_states(self, ids: np.ndarray) -> np.ndarray:
         """The final hidden state (after the last kept layer and the final norm) of every position."""
-        feed: dict[str, np.ndarray] = {
-            "input_ids": ids.reshape(1, -1).astype(np.int64),
-            "attention_mask": np.ones((1, len(ids)), dtype=np.int64),
-        }
+        return self._run(ids, "hidden")
+
+    def _run(self, ids: np.ndarray, output: str) -> np.ndarray:
+        feed: dict[str, np.ndarray] = {"input_ids": ids.reshape(1, -1).astype(np.int64),
+                                       "attention_mask": np.ones((1, len(ids)), dtype=np.int64)}
         empty = np.zeros(self._kv_shape, dtype=np.float32)
         for name in self._kv_names:
             feed[name] = empty
         with self._lock:
-            (hidden,) = self.session.run(["hidden"], feed)
-        return hidden[0]
-
+            (values,) = self.session.run([output], feed)
+        return values[0]
