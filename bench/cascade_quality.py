@@ -2,6 +2,12 @@
 on test, against the best single model; the five-Llama comparison with Zellinger & Thomson's published
 curves; FrugalGPT's OVERRULING figures alongside. Plots go to docs/img/.
 
+Two ceilings tell where a missed goal comes from (`ceilings`): the cheapest cascade of the same search space
+(up to three tiers, by cost) that reaches the goal's accuracy on test with a perfect scorer (if even that
+costs more than 25% of the best model, no scorer can meet the goal), and with the fitted scorer but its
+thresholds chosen on test itself (an optimistic ceiling for this scorer, which no cascade chosen on train
+can beat; a diagnostic only, never used to choose anything).
+
     .venv/bin/python bench/cascade_quality.py [--datasets a,b] [--learner logistic] [--json] [--record]
 """
 
@@ -23,16 +29,41 @@ sys.path.insert(0, str(REPO))
 
 from bench._common import markdown_table, record  # noqa: E402
 from router.cascade_file import CascadeFile  # noqa: E402
+from router.evaluation import query_costs  # noqa: E402
 from router.fitting import FitOptions, fit_cascade  # noqa: E402
+from router.optimizer import pareto, search, second_tier_pairs, sequences  # noqa: E402
 from router.reference import ZELLINGER, ZELLINGER_MODELS  # noqa: E402
 from router.report import evaluate  # noqa: E402
-from scorer.dataset import load_grid  # noqa: E402
+from scorer.dataset import Grid, load_grid  # noqa: E402
+from scorer.grid_scores import GridScores, score_grid  # noqa: E402
 from scorer.runtime import OnnxScorer  # noqa: E402
 from scorer.train import TrainConfig  # noqa: E402
 
 DATA = Path(os.environ.get("FRUGAL_DATA_DIR", REPO.parent / "shared" / "data")) / "cascade"
 PRICES = REPO / "examples" / "prices" / "zellinger.yaml"
 IMG = REPO / "docs" / "img"
+
+
+def ceilings(grid: Grid, scorer: OnnxScorer) -> dict[str, Any]:
+    """On the test split: the cheapest cost (over the best model's) at which a cascade of up to three tiers
+    reaches the best model's accuracy less 0.5 point, and the best accuracy within 25% of its cost, with a
+    perfect scorer and with `scorer` at thresholds chosen on test (see the module's docstring)."""
+    test = grid.split("test")
+    cost = query_costs(test, None)
+    seqs = sequences(test.models, cost.mean(axis=0), 3, "cost")
+    pairs = second_tier_pairs(seqs)
+    best = int(test.correct.mean(axis=0).argmax())
+    target, best_cost = test.correct[:, best].mean() - 0.005, cost[:, best].mean()
+    perfect = GridScores(test.correct.astype(float), {(a, b): test.correct[:, b].astype(float) for a, b in pairs})
+    out: dict[str, Any] = {}
+    for name, scores in (("perfect_scorer", perfect), ("scorer_tuned_on_test", score_grid(scorer, scorer.spec, test,
+                                                                                         pairs))):
+        frontier = pareto(search(test.models, scores, test.correct, cost, seqs))
+        reaching = [p for p in frontier if p.accuracy >= target - 1e-12]
+        within = [p for p in frontier if p.cost_usd <= 0.25 * best_cost]
+        out[name] = {"cost_ratio_at_goal_accuracy": min(p.cost_usd for p in reaching) / best_cost if reaching else None,
+                     "accuracy_within_25pct_cost": max(p.accuracy for p in within) if within else None}
+    return out
 
 
 def run(path: Path, options: FitOptions, plot: Path | None, work: Path) -> dict[str, Any]:
@@ -45,6 +76,8 @@ def run(path: Path, options: FitOptions, plot: Path | None, work: Path) -> dict[
     report = evaluate(grid, fitted, OnnxScorer(fitted.scorer), "test", path, plot)
     report["fit_seconds"] = round(fit_s, 1)
     report["train_chosen"] = {"accuracy": fitted.chosen.accuracy, "cost_usd": fitted.chosen.cost_usd}
+    if not options.models:
+        report["ceilings"] = ceilings(grid, OnnxScorer(fitted.scorer))
     return report
 
 
@@ -56,7 +89,13 @@ def goal_row(r: dict[str, Any]) -> list[object]:
             " → ".join(t["model"].split("/")[-1] for t in chosen["tiers"]), f"{chosen['accuracy']:.4f}",
             f"{chosen['cost_usd']:.3g}", f"{r['cost_ratio_vs_best']:.3f}",
             "yes" if met else "no",
-            f"{at_best['accuracy']:.4f} @ {at_best['cost_usd']:.3g}" if at_best else "-"]
+            f"{at_best['accuracy']:.4f} @ {at_best['cost_usd']:.3g}" if at_best else "-",
+            *[_ceiling(r["ceilings"][k]) for k in ("perfect_scorer", "scorer_tuned_on_test")]]
+
+
+def _ceiling(c: dict[str, Any]) -> str:
+    ratio = c["cost_ratio_at_goal_accuracy"]
+    return (f"{ratio:.3f}" if ratio is not None else "never") + f" / {c['accuracy_within_25pct_cost']:.4f}"
 
 
 def main() -> None:
@@ -87,8 +126,13 @@ def main() -> None:
         return
     table = markdown_table(
         ["dataset", "best single (test)", "acc", "USD/query", "cascade (fitted on train)", "acc", "USD/query",
-         "cost ratio", "goal met", "best acc at best model's cost"],
+         "cost ratio", "goal met", "best acc at best model's cost",
+         "ceiling, perfect scorer: cost ratio / acc at 25%", "ceiling, this scorer tuned on test"],
         [goal_row(r) for r in results["goals"]])
+    table += ("\n\nCeilings (test split, cascades of up to 3 tiers by cost): the cheapest cost, over the best model's, "
+              "at which a cascade reaches the goal's accuracy, and the best accuracy within 25% of the best model's "
+              "cost; with a perfect scorer, and with the fitted scorer at thresholds chosen on test itself (a "
+              "diagnostic ceiling, not a result: nothing is chosen on test). 'never': no cascade reaches it.")
     zrows = []
     for r in results["zellinger"]:
         z = r.get("zellinger_continuous_optimization") or {}
