@@ -14,7 +14,7 @@ import pytest
 
 from tests.local.reference_llama import forward, load_gguf_weights
 from workers.local.gguf_model import GGUFModel
-from workers.local.llama_graph import COMPUTE_LEVELS, build_llama_graph
+from workers.local.llama_graph import COMPUTE_LEVELS, build_hidden_graph, build_llama_graph
 from workers.local.quantize import symmetric_blocks
 from workers.local.runtime import DecoderSession
 
@@ -158,3 +158,28 @@ def test_the_decode_graph_stays_as_close_as_float_activations(tmp_path: Path, we
     int8_error = float(np.abs(fast.forward(ids, fast.new_cache(32), 0) - expected).max())
     assert error("main") < 1e-3
     assert error("decode") < int8_error / 20, (error("decode"), int8_error)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_the_scoring_graph_returns_the_reference_surprisal(tmp_path: Path, arch: str) -> None:
+    """The compression scorer's graph (`build_hidden_graph` with a partial output layer), here with every
+    layer and every output row, tied (llama) and untied (qwen2): -log softmax of the reference's logits at
+    each following token."""
+    import onnxruntime as ort
+
+    source = write_gguf(tmp_path / f"{arch}.gguf", arch, QT.F32)
+    path = build_hidden_graph(GGUFModel(source), "fp32", tmp_path / "scoring" / "model.onnx", layers=LAYERS,
+                              accuracy_level=COMPUTE_LEVELS["fp32"], surprisal_rows=VOCAB)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ids = np.random.default_rng(5).integers(0, VOCAB, size=30)
+    feed = {"input_ids": ids.reshape(1, -1), "attention_mask": np.ones((1, len(ids)), np.int64)}
+    for i in session.get_inputs():
+        if i.name.startswith("past_key_values."):
+            feed[i.name] = np.zeros((1, KV, 0, D // HEADS), np.float32)
+    (surprisal,) = session.run(["surprisal"], feed)
+    logits, _ = forward(load_gguf_weights(source), ids)
+    peak = logits.max(axis=1, keepdims=True)
+    log_softmax = logits - peak - np.log(np.exp(logits - peak).sum(axis=1, keepdims=True))
+    expected = -log_softmax[np.arange(len(ids) - 1), ids[1:]]
+    assert surprisal.shape == (1, len(ids) - 1)
+    assert np.abs(surprisal[0] - expected).max() < 1e-3

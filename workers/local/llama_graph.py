@@ -335,9 +335,9 @@ def _llama_proto(model: GGUFModel, g: _Graph, say: Callable[[str], None],
     if not head:
         g.nodes.append(helper.make_node("Identity", [x], ["hidden"], name="hidden_out"))
         if surprisal_rows:
-            output = embed_tokens if shape.tied_output else g.const("output_weight", model.tensor("output.weight"))
-            output_rows = model.tensor("token_embd.weight" if shape.tied_output else "output.weight")
-            _surprisal(g, x, output, output_rows[:surprisal_rows], "surprisal")
+            weight = embedding if shape.tied_output else model.tensor("output.weight")
+            output = embed_tokens if shape.tied_output else g.const("output_weight", weight)
+            _surprisal(g, x, output, weight[:surprisal_rows], "surprisal")
         return _model_proto(g, shape, inputs, outputs)
     start = g.op1("Neg", ["logits_to_keep"])
     kept = g.op1("Slice", [x, start, g.const("slice_end", np.array([np.iinfo(np.int64).max], dtype=np.int64)),
