@@ -2,11 +2,14 @@
 
 1. Aggregate generation throughput with 1, 4, 8 and 16 concurrent streams (greedy, up to 64 tokens each,
    distinct prompts, all submitted at once), against one stream; p50/p99 time to first token per level.
+   The levels run in `--rounds` interleaved rounds (1, 4, 8, 16, then again), and each level's ratio to one
+   stream is taken within its round, then the median over rounds: this machine's speed drifts by 20-40%
+   within minutes, and one stream's speed varied 66-121 tok/s between four back-to-back single-round runs.
 2. What a long prompt does to streams already decoding: four streams run, a 1,000-token prompt arrives, and
    the longest gap between two tokens of the running streams is measured with chunked prefill (256 tokens
    per step) and without (the whole prompt in one step).
 
-    .venv/bin/python bench/batching.py [--json] [--record] [--quant int8] [--threads N] [--tokens 64]
+    .venv/bin/python bench/batching.py [--json] [--record] [--quant int8] [--threads N] [--tokens 64] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -106,33 +109,42 @@ def main() -> None:
     parser.add_argument("--quant", default="int8")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds over the levels")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--record", action="store_true")
     args = parser.parse_args()
     folder = build("smollm2-135m-instruct", args.quant)
     generator = LocalGenerator(folder, threads=args.threads, engine=EngineConfig(max_batch=16, prefix_cache_bytes=0))
     concurrency_level(generator, 2, 8)  # warm-up
-    levels = [concurrency_level(generator, n, args.tokens) for n in (1, 4, 8, 16)]
+    rounds = [[concurrency_level(generator, n, args.tokens) for n in (1, 4, 8, 16)] for _ in range(args.rounds)]
     generator.close()
-    single, single_decode = levels[0]["tok_s"], levels[0]["decode_tok_s"]
+    for runs in rounds:
+        for run in runs:
+            run["decode_vs_1"] = run["decode_tok_s"] / runs[0]["decode_tok_s"]
+            run["tok_s_vs_1"] = run["tok_s"] / runs[0]["tok_s"]
+    median = statistics.median
+    levels = [{key: median(runs[i][key] for runs in rounds) for key in rounds[0][i]} for i in range(len(rounds[0]))]
     stalls = [prefill_stall(folder, args.threads, chunk) for chunk in (256, 2048)]
     table = markdown_table(
-        ["concurrent streams", "tokens generated", "aggregate decode tok/s", "vs 1 stream",
+        ["concurrent streams", "tokens generated", "aggregate decode tok/s", "vs 1 stream (range over rounds)",
          "end-to-end tok/s (prefill included)", "vs 1 stream", "TTFT p50 (ms)", "TTFT p99 (ms)"],
-        [[r["streams"], r["tokens"], f"{r['decode_tok_s']:.1f}", f"{r['decode_tok_s'] / single_decode:.2f}x",
-          f"{r['tok_s']:.1f}", f"{r['tok_s'] / single:.2f}x", f"{r['ttft_p50_ms']:.0f}", f"{r['ttft_p99_ms']:.0f}"]
-         for r in levels])
+        [[r["streams"], f"{r['tokens']:.0f}", f"{r['decode_tok_s']:.1f}",
+          f"{r['decode_vs_1']:.2f}x ({min(x[i]['decode_vs_1'] for x in rounds):.2f}-"
+          f"{max(x[i]['decode_vs_1'] for x in rounds):.2f})",
+          f"{r['tok_s']:.1f}", f"{r['tok_s_vs_1']:.2f}x", f"{r['ttft_p50_ms']:.0f}", f"{r['ttft_p99_ms']:.0f}"]
+         for i, r in enumerate(levels)])
     stall_table = markdown_table(
         ["prefill per step", "longest gap between tokens of 4 running streams (ms)", "their typical gap (ms)",
          "the long prompt's TTFT (ms)"],
         [[f"{s['chunk']} tokens" + (" (chunked)" if s["chunk"] < 1000 else " (whole prompt)"),
           f"{s['max_gap_ms']:.0f}", f"{s['typical_gap_ms']:.0f}", f"{s['long_prompt_ttft_ms']:.0f}"] for s in stalls])
     notes = (f"Build: {args.quant}; greedy, up to {args.tokens} tokens per stream, all streams submitted at once "
-             "(so TTFT includes waiting for the other prompts' prefill). Aggregate decode tok/s: sequence-steps "
+             f"(so TTFT includes waiting for the other prompts' prefill); medians of {args.rounds} interleaved "
+             "rounds, each ratio taken within its round. Aggregate decode tok/s: sequence-steps "
              "decoded per second spent in decode steps (the engine's counters); end-to-end: tokens generated per "
              "second of wall time. A 1,000-token prompt arriving while four streams decode:\n\n" + stall_table)
     emit(args, "Continuous batching (SmolLM2-135M-Instruct)", "bench/batching.py",
-         {"levels": levels, "prefill_stall": stalls}, table, notes)
+         {"levels": levels, "rounds": rounds, "prefill_stall": stalls}, table, notes)
 
 
 if __name__ == "__main__":

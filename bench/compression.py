@@ -139,6 +139,7 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=40)
     parser.add_argument("--facts", type=int, default=4)
     parser.add_argument("--filler", type=int, default=8, help="prose sentences before each fact")
+    parser.add_argument("--seed", type=int, default=0, help="which items (choose settings on another seed)")
     parser.add_argument("--layers", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--head-vocab", type=int, default=4096)
     parser.add_argument("--ratio", type=float, nargs="+", default=[0.5])
@@ -153,12 +154,12 @@ def main() -> None:
     parser.add_argument("--record", action="store_true")
     args = parser.parse_args()
 
-    items = room_number_items(args.items, args.facts, args.filler)
+    items = room_number_items(args.items, args.facts, args.filler, args.seed)
     generator = LocalGenerator(build("smollm2-135m-instruct"), threads=args.threads)
     models = {k: SurprisalModel(build_surprisal_model(k, args.head_vocab), threads=args.threads)
               for k in args.layers}
     results: dict = {"task": {"items": args.items, "facts": args.facts, "filler_sentences": args.filler,
-                              "chance": 1 / args.facts},
+                              "seed": args.seed, "chance": 1 / args.facts},
                      "uncompressed": evaluate(generator, items, None, CompressionPolicy()), "runs": []}
     first = next(iter(models.values()))
     for ratio in args.ratio:
@@ -195,7 +196,7 @@ def main() -> None:
                             "compress ms / 1k tokens"], rows)
     latency_rows = [[k, v["tokens"], f"{v['total_ms']:.0f}"] for k, v in results["latency_per_1k_tokens"].items()]
     table += "\n\n" + markdown_table(["layers", "tokens", "scoring ms (layers and head)"], latency_rows)
-    notes = (f"Task: {args.items} room-number questions over {args.facts} facts in prose "
+    notes = (f"Task: {args.items} room-number questions (seed {args.seed}) over {args.facts} facts in prose "
              f"(chance {1 / args.facts:.0%}); answered greedily by SmolLM2-135M-Instruct (int8). "
              f"Head: {args.head_vocab} most frequent tokens + the token scored. 'fewer tokens' is the whole "
              "chat prompt's count before / after.")
