@@ -13,6 +13,7 @@ baselines without a model over the same words: a random drop of the same amount,
 not be what keeps the answer.
 
     .venv/bin/python bench/compression.py [--json] [--record] [--items 40] [--layers 1 2 4] [--ratio 0.5]
+        [--seed 0] [--units word] [--orders plain question-aware reordered]
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ from workers.local.sampling import SamplingParams  # noqa: E402
 from workers.local.surprisal import SurprisalModel, TokenSurprisal, build_surprisal_model  # noqa: E402
 
 INSTRUCTION = "Answer the question from the notes below. Reply with the number only."
+#: --orders: (question_aware, reorder) of the policy.
+ORDERS = {"plain": (False, False), "question-aware": (True, False), "reordered": (True, True)}
 NAMES = ["Alice", "Bruno", "Chen", "Dmitri", "Elena", "Farid", "Grace", "Hiro", "Ines", "Jonas", "Kemal",
          "Lena", "Maya", "Nils", "Omar", "Priya"]
 
@@ -147,7 +150,10 @@ def main() -> None:
     parser.add_argument("--unit-score", nargs="+", default=["default"], choices=["default", "sum", "mean", "max"],
                         help="how a unit's token surprisals make its score (default: sum; mean for sentences)")
     parser.add_argument("--question-aware", action="store_true",
-                        help="also run every scorer with the sentences least relevant to the question dropped first")
+                        help="add question-aware to --orders (as the recorded commands say)")
+    parser.add_argument("--orders", nargs="+", default=["plain"], choices=list(ORDERS),
+                        help="which orders to run every scorer in: surprisal alone; the sentences least relevant "
+                             "to the question first; that, with the notes reordered, the most relevant last")
     parser.add_argument("--runs", type=int, default=5, help="latency runs")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", action="store_true")
@@ -162,13 +168,14 @@ def main() -> None:
                               "seed": args.seed, "chance": 1 / args.facts},
                      "uncompressed": evaluate(generator, items, None, CompressionPolicy()), "runs": []}
     first = next(iter(models.values()))
+    orders = [ORDERS[name] for name in dict.fromkeys(args.orders + ["question-aware"] * args.question_aware)]
     for ratio in args.ratio:
         for unit in args.units:
             for unit_score in args.unit_score:
-                for question_aware in (False, True) if args.question_aware else (False,):
+                for question_aware, reorder in orders:
                     chosen = None if unit_score == "default" else unit_score
                     policy = CompressionPolicy(target_ratio=ratio, min_prompt_tokens=0, unit=unit, unit_score=chosen,
-                                               question_aware=question_aware)
+                                               question_aware=question_aware, reorder=reorder)
                     scorers: list[tuple[str, TokenScorer]] = [(f"surprisal, {k} layers", m)
                                                               for k, m in models.items()]
                     if chosen is None:
@@ -178,6 +185,7 @@ def main() -> None:
                     for name, scorer in scorers:
                         run = evaluate(generator, items, scorer, policy)
                         name += ", question-aware" if question_aware else ""
+                        name += ", reordered" if reorder else ""
                         run.update({"scorer": name, "target_ratio": ratio,
                                     "unit": unit if chosen is None else f"{unit} ({chosen})"})
                         results["runs"].append(run)

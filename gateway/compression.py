@@ -16,7 +16,7 @@ def _policy(block: CompressionConfig) -> CompressionPolicy:
     return CompressionPolicy(target_ratio=block.target_ratio, min_prompt_tokens=block.min_prompt_tokens,
                              keep_recent=block.keep_recent, unit=block.unit,
                              min_input_usd_per_mtok=block.min_input_usd_per_mtok,
-                             question_aware=block.question_aware)
+                             question_aware=block.question_aware, reorder=block.reorder)
 
 
 def scorer_loader(config: CompressorConfig) -> Callable[[], TokenScorer]:

@@ -65,6 +65,9 @@ class CompressionConfig(_Strict):
     #: Drop the sentences least relevant to the question (the last user message) first, as LongLLMLingua's
     #: coarse stage does; surprisal then orders units within equally relevant sentences.
     question_aware: bool = False
+    #: Put the compressible text's paragraphs in order of relevance to the question, the most relevant last
+    #: (LongLLMLingua's document reordering): only for independent documents or notes.
+    reorder: bool = False
 
 
 class CompressorConfig(_Strict):

@@ -18,6 +18,10 @@ The policy (docs/compression.md):
   decide. Relevance is lexical: the question's words that a sentence contains, each weighted by how rare it
   is among the text's sentences (BM25's inverse document frequency), so a sentence that names what the
   question asks about outranks one that only shares its common words.
+- **Reordered** (`reorder`, off by default), after LongLLMLingua's document reordering: the paragraphs of
+  each compressible text are put in order of the same relevance, the most relevant last, where it is next
+  to the question (small readers answer best from what they read last). Only for texts whose paragraphs
+  are independent (retrieved documents, notes, examples): it moves them, so it would change a narrative.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from workers.pricing import TokenPrice
 #: A word starts at a token whose text begins with a space or a line break, or that is punctuation.
 _WORD_START = re.compile(r"^[\s]|^[^\w\s]")
 _PARAGRAPH = re.compile(r"\n\s*\n")
+_PARAGRAPH_SPLIT = re.compile(r"(\n\s*\n)")
 _WORD = re.compile(r"\w+")
 UnitScore = Literal["sum", "mean", "max"]
 Unit = Literal["word", "token", "sentence"]
@@ -79,6 +84,9 @@ class CompressionPolicy:
     min_input_usd_per_mtok: float = 0.0
     #: Drop the sentences least relevant to the question first (surprisal orders units within them).
     question_aware: bool = False
+    #: Put each compressible text's paragraphs in order of relevance to the question, the most relevant
+    #: last, next to the question (for independent documents or notes, whose order carries no meaning).
+    reorder: bool = False
 
 
 @dataclass(slots=True)
@@ -188,25 +196,47 @@ def _units(scored: Scored, text: str, unit: Unit) -> list[tuple[int, int]]:
 
 
 def sentence_relevance(scored: Scored, text: str, question: str) -> np.ndarray:
-    """For each token, how relevant its sentence is to `question`: the sum, over the question's words that
-    the sentence contains (lower-cased), of their BM25 inverse document frequency among the text's
-    sentences, log(1 + (n - df + 0.5) / (df + 0.5)). 0 for a sentence that shares no word with it."""
+    """For each token, how relevant its sentence is to `question`: `lexical_relevance` among the text's
+    sentences."""
     relevance = np.zeros(len(scored.surprisal))
-    asked = set(_WORD.findall(question.lower()))
-    if not asked or not len(relevance):
+    if not len(relevance):
         return relevance
     sentences = _units(scored, text, "sentence")
-    words = [asked.intersection(_WORD.findall(text[scored.starts[a]:scored.ends[b - 1]].lower()))
-             for a, b in sentences]
+    weights = lexical_relevance([text[scored.starts[a]:scored.ends[b - 1]] for a, b in sentences], question)
+    for (a, b), weight in zip(sentences, weights, strict=True):
+        relevance[a:b] = weight
+    return relevance
+
+
+def lexical_relevance(passages: list[str], question: str) -> list[float]:
+    """How relevant each passage is to `question`: the sum, over the question's words that the passage
+    contains (lower-cased), of their BM25 inverse document frequency among the passages,
+    log(1 + (n - df + 0.5) / (df + 0.5)). 0 for a passage that shares no word with it."""
+    asked = set(_WORD.findall(question.lower()))
+    words = [asked.intersection(_WORD.findall(passage.lower())) for passage in passages]
     frequency: dict[str, int] = {}
     for shared in words:
         for word in shared:
             frequency[word] = frequency.get(word, 0) + 1
-    n = len(sentences)
+    n = len(passages)
     weight = {w: math.log(1 + (n - df + 0.5) / (df + 0.5)) for w, df in frequency.items()}
-    for (a, b), shared in zip(sentences, words, strict=True):
-        relevance[a:b] = sum(weight[w] for w in shared)
-    return relevance
+    return [sum(weight[w] for w in shared) for shared in words]
+
+
+def reorder_paragraphs(text: str, question: str) -> str:
+    """`text` with its paragraphs (separated by blank lines) in increasing order of `lexical_relevance` to
+    `question`, so that the most relevant one ends the text, next to the question; equally relevant
+    paragraphs keep their order, and the separators and any blank paragraph stay where they were."""
+    pieces = _PARAGRAPH_SPLIT.split(text)
+    slots = [i for i in range(0, len(pieces), 2) if pieces[i].strip()]
+    if len(slots) < 2:
+        return text
+    relevance = lexical_relevance([pieces[i] for i in slots], question)
+    order = sorted(range(len(slots)), key=lambda k: relevance[k])
+    moved = list(pieces)
+    for slot, k in zip(slots, order, strict=True):
+        moved[slot] = pieces[slots[k]]
+    return "".join(moved)
 
 
 def drop_order(scored: Scored, text: str, unit: Unit = "word",
@@ -287,6 +317,9 @@ class Compressor:
         if not parts:
             outcome.skipped = "nothing_compressible"
             return outcome
+        if policy.reorder:
+            asked = question_of(request)
+            parts = [replace(part, text=reorder_paragraphs(part.text, asked)) for part in parts]
         scored = [(part, self.scorer.score(part.text)) for part in parts]
         total = sum(len(tokens.surprisal) for _, tokens in scored)
         if total < policy.min_prompt_tokens:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from router.compression import (
     compressible_parts,
     drop_order,
     question_of,
+    reorder_paragraphs,
     sentence_relevance,
     trace_record,
 )
@@ -155,6 +157,45 @@ def test_question_aware_compression_drops_the_least_relevant_sentences_first() -
     assert "9376" in compress_text(tokens, text, target_ratio=0.3, question="Room number of Grace?").text
 
 
+def test_reordering_puts_the_most_relevant_paragraph_last_and_keeps_the_separators() -> None:
+    text = "Grace is in room 9376.\n\nOmar is in room 6081.\n \nThe lockers are by the door.\n\n"
+    assert reorder_paragraphs(text, "Which room is Grace in?") == (
+        "The lockers are by the door.\n\nOmar is in room 6081.\n \nGrace is in room 9376.\n\n")
+    # Equally relevant paragraphs keep their order; one paragraph, or no question, changes nothing.
+    assert reorder_paragraphs(text, "Which room?") == (
+        "The lockers are by the door.\n\nGrace is in room 9376.\n \nOmar is in room 6081.\n\n")
+    assert reorder_paragraphs(text, "") == text
+    assert reorder_paragraphs("Grace is in room 9376.", "Grace?") == "Grace is in room 9376."
+
+
+class WordScorer:
+    """Every word a token of surprisal 1 (whatever the text: the compressor scores the reordered one)."""
+
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+
+    def score(self, text: str) -> TokenSurprisal:
+        self.texts.append(text)
+        pieces = [m.group() for m in re.finditer(r"\s*\S+", text)]
+        pieces[-1] += text[len("".join(pieces)):]
+        return scored(text, pieces, [1.0] * len(pieces))
+
+
+def test_a_reordering_policy_moves_the_relevant_notes_next_to_the_question_before_scoring() -> None:
+    notes = "Answer from the notes.\n\nGrace is in room 9376.\n\nOmar is in room 6081.\n\nThe lockers are blue."
+    chat = [{"role": "system", "content": notes}, {"role": "user", "content": "Which room is Grace in?"}]
+    scorer = WordScorer()
+    policy = CompressionPolicy(target_ratio=1.0, min_prompt_tokens=0, reorder=True)
+    outcome = Compressor(lambda: scorer).compress(GenerationRequest("chat", messages=chat), policy)
+    expected = "The lockers are blue.\n\nOmar is in room 6081.\n\nGrace is in room 9376."
+    assert scorer.texts == [expected]
+    assert outcome.request.messages[0]["content"] == "Answer from the notes.\n\n" + expected
+    assert chat[0]["content"] == notes  # the client's request is not changed
+    unordered = Compressor(lambda: WordScorer()).compress(GenerationRequest("chat", messages=chat),
+                                                          CompressionPolicy(target_ratio=1.0, min_prompt_tokens=0))
+    assert unordered.request.messages[0]["content"] == notes
+
+
 def test_the_question_is_the_last_user_message_or_the_last_paragraph() -> None:
     assert question_of(GenerationRequest("chat", messages=CHAT)) == "The question?"
     multimodal = [{"role": "user", "content": [{"type": "text", "text": "Which room?"}, {"type": "image_url"}]}]
@@ -237,14 +278,14 @@ models:
   - {name: small, backend: openai/small}
 routes:
   - {name: auto, models: [small, big], compression: {min_input_usd_per_mtok: 1.0, keep_recent: 4, unit: token,
-                                                     question_aware: true}}
+                                                     question_aware: true, reorder: true}}
 compressor: {layers: 4, head_vocab: 2048}
 """)
     rules = build_compression(config)
     assert rules is not None
     assert rules.models["big"] == CompressionPolicy(target_ratio=0.4, min_prompt_tokens=100)
     assert rules.routes["auto"] == CompressionPolicy(keep_recent=4, unit="token", min_input_usd_per_mtok=1.0,
-                                                     question_aware=True)
+                                                     question_aware=True, reorder=True)
     assert config.compressor.layers == 4
     off = parse_config("models:\n  - {name: big, backend: openai/big, compression: {enabled: false}}\n")
     assert build_compression(off) is None
