@@ -154,6 +154,8 @@ def main() -> None:
     parser.add_argument("--orders", nargs="+", default=["plain"], choices=list(ORDERS),
                         help="which orders to run every scorer in: surprisal alone; the sentences least relevant "
                              "to the question first; that, with the notes reordered, the most relevant last")
+    parser.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
+                        help="also run the model-free baselines (they do not depend on the scoring model)")
     parser.add_argument("--runs", type=int, default=5, help="latency runs")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", action="store_true")
@@ -178,7 +180,7 @@ def main() -> None:
                                                question_aware=question_aware, reorder=reorder)
                     scorers: list[tuple[str, TokenScorer]] = [(f"surprisal, {k} layers", m)
                                                               for k, m in models.items()]
-                    if chosen is None:
+                    if chosen is None and args.baselines:
                         scorers.append(("random drop", BaselineScorer(first, "random")))
                         if unit == "word":
                             scorers.append(("longest words stay", BaselineScorer(first, "length")))

@@ -23,8 +23,8 @@ def scorer_loader(config: CompressorConfig) -> Callable[[], TokenScorer]:
     def load() -> TokenScorer:
         from workers.local.surprisal import SurprisalModel, build_surprisal_model  # noqa: PLC0415
 
-        return SurprisalModel(build_surprisal_model(config.layers, config.head_vocab), window=config.window,
-                              threads=config.threads)
+        folder = build_surprisal_model(config.layers, config.head_vocab, dynamic_int8=config.dynamic_int8)
+        return SurprisalModel(folder, window=config.window, threads=config.threads)
 
     return load
 

@@ -77,6 +77,9 @@ class CompressorConfig(_Strict):
     layers: int = Field(default=1, ge=1, le=30)
     #: Output rows the log-probabilities are normalized over (the most frequent tokens).
     head_vocab: int = Field(default=4096, ge=256)
+    #: The matmuls as DynamicQuantizeMatMul (int8 weights and activations, ~2x faster), or MatMulNBits with a
+    #: float head (closer to the float model's surprisal).
+    dynamic_int8: bool = True
     #: Tokens scored in one pass; longer texts are scored window by window.
     window: int = Field(default=512, ge=16, le=8192)
     threads: int | None = Field(default=None, gt=0)

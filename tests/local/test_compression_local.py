@@ -57,12 +57,22 @@ def numpy_surprisal(hidden: np.ndarray, embedding: np.ndarray, ids: np.ndarray, 
     return peak + np.log(np.exp(logits - peak[:, None]).sum(axis=1)) - target
 
 
+@pytest.fixture(scope="module")
+def blocked_scorer(models_root: Path, smollm2_source: Path) -> SurprisalModel:
+    """The scoring model with MatMulNBits layers and a float head (not the default)."""
+    return SurprisalModel(build_surprisal_model(LAYERS, root=models_root, source=smollm2_source, dynamic_int8=False),
+                          threads=2)
+
+
 def test_the_graph_computes_the_log_softmax_over_its_head_rows(models_root: Path, smollm2_source: Path,
-                                                               scorer: SurprisalModel) -> None:
+                                                               blocked_scorer: SurprisalModel) -> None:
     """The surprisal the graph returns, against numpy from the graph's own hidden states: over every output
-    row it is the exact log-softmax, over the first rows the log-softmax over them and the following token."""
+    row it is the exact log-softmax, over the first rows the log-softmax over them and the following token
+    (with a float head: the blocked build)."""
+    scorer = blocked_scorer
     embedding = GGUFModel(smollm2_source).tensor("token_embd.weight")
-    full = SurprisalModel(build_surprisal_model(LAYERS, 10**9, root=models_root, source=smollm2_source), threads=2)
+    full = SurprisalModel(build_surprisal_model(LAYERS, 10**9, root=models_root, source=smollm2_source,
+                                                dynamic_int8=False), threads=2)
     assert full.head_vocab == embedding.shape[0] > scorer.head_vocab
     ids = np.asarray(full.tokenizer.encode(NOTES[:300]).ids, dtype=np.int64)
     assert (ids >= scorer.head_vocab).any() and (ids < scorer.head_vocab).any()
@@ -73,6 +83,22 @@ def test_the_graph_computes_the_log_softmax_over_its_head_rows(models_root: Path
     partial = numpy_surprisal(hidden, embedding, ids, scorer.head_vocab)
     np.testing.assert_allclose(scorer.window_surprisal(ids), partial, rtol=1e-4, atol=1e-3)
     assert (partial < exact - 1e-3).any()  # fewer rows, a smaller normalizer: the two checks differ
+
+
+def test_the_default_int8_matmuls_score_tokens_as_the_blocked_build_does(scorer: SurprisalModel,
+                                                                         blocked_scorer: SurprisalModel) -> None:
+    """DynamicQuantizeMatMul (one activation scale per tensor) against MatMulNBits with int8 activations per
+    block and a float head: the same ranking of tokens, surprisals a fraction of a nat apart, none negative."""
+    assert scorer.model_dir != blocked_scorer.model_dir
+    fast, blocked = scorer.score(NOTES).surprisal, blocked_scorer.score(NOTES).surprisal
+    finite = np.isfinite(blocked)
+    assert (np.isfinite(fast) == finite).all() and finite.sum() > 100
+    fast, blocked = fast[finite], blocked[finite]
+    rank = lambda values: np.argsort(np.argsort(values))  # noqa: E731
+    assert np.corrcoef(rank(fast), rank(blocked))[0, 1] > 0.99
+    assert np.median(np.abs(fast - blocked)) < 0.5
+    assert 0 < np.abs(fast - blocked).max() < 5  # int8 rounding shows, but nowhere by much
+    assert (fast >= 0).all()
 
 
 def test_the_early_exit_ranks_tokens_like_the_full_model_only_roughly(scorer: SurprisalModel, models_root: Path,
