@@ -8,10 +8,10 @@ same builder (`workers.local.llama_graph`) from the same GGUF:
 - **the first `layers` layers only**, followed by the model's final norm (an early exit, "logit lens"),
   and no KV cache kept: one pass over each window of the text;
 - **int8 matmuls**: by default every projection and the partial output layer run as onnxruntime's
-  `DynamicQuantizeMatMul` (int8 weights per output row, uint8 activations per tensor), ~1.8x faster than
-  `MatMulNBits` with int8 activations per block and a float head (58 against 100-107 ms per 1,000 tokens,
-  interleaved, measured), and rougher (surprisal within ~2.4 nats of the float model's, correlation
-  0.999); `dynamic_int8=False` builds the blocked form, whose surprisal is the float model's to ~0.3 nats;
+  `DynamicQuantizeMatMul` (int8 weights per output row, uint8 activations per tensor), 2x faster than
+  `MatMulNBits` with int8 activations per block and a float head (47-48 against 94-101 ms per 1,000 tokens,
+  interleaved, measured), and rougher (a median 0.28 nats from the blocked build's surprisal, at most 2.4;
+  rank correlation 0.999); `dynamic_int8=False` builds the blocked form;
 - **a partial output layer in the graph**: the exact logit of the token that follows, normalized over the
   `head_vocab` most frequent tokens (BPE ids are in merge order, so the lowest ids are the most frequent
   pieces) plus that token, so the graph returns the surprisal itself. The full 49k-row head would cost more
