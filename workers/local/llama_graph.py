@@ -55,7 +55,7 @@ class _Graph:
         self.head_accuracy_level = head_accuracy_level
         #: Quantized layer projections take their activations in two int8 passes (`_two_pass`).
         self.two_pass = two_pass
-        #: Every projection as `DynamicQuantizeMatMul` (`_dynamic_int8`), whatever `quant` says.
+        #: Every projection as `DynamicQuantizeMatMul` (`dynamic_int8_matmul`), whatever `quant` says.
         self.dynamic_int8 = dynamic_int8
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
