@@ -317,8 +317,8 @@ class Compressor:
         if not parts:
             outcome.skipped = "nothing_compressible"
             return outcome
+        asked = question_of(request) if policy.reorder or policy.question_aware else ""
         if policy.reorder:
-            asked = question_of(request)
             parts = [replace(part, text=reorder_paragraphs(part.text, asked)) for part in parts]
         scored = [(part, self.scorer.score(part.text)) for part in parts]
         total = sum(len(tokens.surprisal) for _, tokens in scored)
@@ -328,7 +328,7 @@ class Compressor:
             return outcome
         messages = [dict(m) for m in request.messages]
         prompt = request.prompt
-        question = question_of(request) if policy.question_aware else None
+        question = asked if policy.question_aware else None
         for part, tokens in scored:
             done = compress_text(tokens, part.text, policy.target_ratio, policy.unit, policy.unit_score, question)
             outcome.texts.append(done)
