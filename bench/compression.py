@@ -145,6 +145,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="which items (choose settings on another seed)")
     parser.add_argument("--layers", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--head-vocab", type=int, default=4096)
+    parser.add_argument("--blocked-int8", action="store_true",
+                        help="score with the MatMulNBits build (the default before 2026-12-03 07:20 UTC)")
     parser.add_argument("--ratio", type=float, nargs="+", default=[0.5])
     parser.add_argument("--units", nargs="+", default=["word", "sentence"], choices=["word", "token", "sentence"])
     parser.add_argument("--unit-score", nargs="+", default=["default"], choices=["default", "sum", "mean", "max"],
@@ -164,8 +166,8 @@ def main() -> None:
 
     items = room_number_items(args.items, args.facts, args.filler, args.seed)
     generator = LocalGenerator(build("smollm2-135m-instruct"), threads=args.threads)
-    models = {k: SurprisalModel(build_surprisal_model(k, args.head_vocab), threads=args.threads)
-              for k in args.layers}
+    models = {k: SurprisalModel(build_surprisal_model(k, args.head_vocab, dynamic_int8=not args.blocked_int8),
+                                threads=args.threads) for k in args.layers}
     results: dict = {"task": {"items": args.items, "facts": args.facts, "filler_sentences": args.filler,
                               "seed": args.seed, "chance": 1 / args.facts},
                      "uncompressed": evaluate(generator, items, None, CompressionPolicy()), "runs": []}
