@@ -421,6 +421,8 @@ def cache_calibrate(
     embeddings: Annotated[Path | None, typer.Option(help="Reuse (and extend) embeddings saved in this .npz")]
     = None,
     limit: Annotated[int | None, typer.Option(min=1, help="Read only the first N pairs of each source")] = None,
+    audit: Annotated[bool, typer.Option(help="Use the panel's verdicts on QQP pairs (gateway/cache/qqp_audit.jsonl) "
+                                             "where it has them; --no-audit: QQP's labels alone")] = True,
     verifier_out: Annotated[Path | None, typer.Option(help="Write the fitted match verifier (JSON) here; "
                                                             "gateway/cache/verifier.json is the shipped one")]
     = None,
@@ -430,7 +432,7 @@ def cache_calibrate(
     paraphrase pairs."""
     import json
 
-    from gateway.cache.calibration import MAIN, calibrate, paraphrase_dir
+    from gateway.cache.calibration import MAIN, calibrate, load_audit, paraphrase_dir
     from gateway.cache.calibration import plot as draw
     from gateway.cache.embedder import Embedder, SavedEmbeddings
 
@@ -439,7 +441,7 @@ def cache_calibrate(
         raise _fail(f"no paraphrase pack at {folder}: set --data-dir or FRUGAL_DATA_DIR to the folder holding it")
     embedder = Embedder()
     embed = SavedEmbeddings(embeddings, embedder.embed_many) if embeddings else embedder.embed_many
-    report = calibrate(folder, embed, limit=limit)
+    report = calibrate(folder, embed, audit=load_audit() if audit else None, limit=limit)
     model = report.pop("verifier_model")
     if verifier_out:
         verifier_out.write_text(json.dumps(model | {"command": "frugal cache calibrate --verifier-out "
@@ -452,12 +454,18 @@ def cache_calibrate(
         _echo_json(report | {"rules": {rule: {k: v for k, v in r.items() if k != "curve"}
                                        for rule, r in report["rules"].items()}})
         return
+    typer.echo(f"labels: {report['labels']}")
     for rule, r in report["rules"].items():
         held = r["held_out"]
         kind = f" (verifier probability, on cosine ≥ {r['min_similarity']})" if "min_similarity" in r else ""
-        typer.echo(f"{rule}: threshold {r['threshold']:.4f}{kind} (target {'met' if r['target_met'] else 'NOT met'}; "
-                   f"lowest false-hit share on the fit part {r['lowest_false_hit_share_on_fit']:.2%})")
-        for source, m in held.items():
+        typer.echo(f"{rule}: threshold {r['threshold']:.4f}{kind} (target on the fit part "
+                   f"{'met' if r['target_met_on_fit'] else 'NOT met'}, lowest false-hit share there "
+                   f"{r['lowest_false_hit_share_on_fit']:.2%}; on held-out {MAIN} "
+                   f"{'met' if r['target_met_on_held_out'] else 'NOT met'})")
+        rows = list(held.items())
+        if "held_out_by_qqp_labels" in r:
+            rows.insert(1, (f"{MAIN} (QQP's labels)", r["held_out_by_qqp_labels"]))
+        for source, m in rows:
             natural = (f", {m['false_hit_share_at_base_rate']:.2%} at {m['base_rate']:.1%} duplicates"
                        if "base_rate" in m else "")
             typer.echo(f"  held-out {source:10} pairs {m['pairs']:5}  hits {m['hits']:5}  false-hit share "

@@ -271,12 +271,12 @@ class SemanticCacheConfig(_Strict):
     """The semantic cache: a paraphrase of a cached question, in the same context, gets the cached answer."""
 
     enabled: bool = False
-    #: Cosine similarity a match needs; None = the calibrated default (docs/semantic-cache.md), or the
-    #: verifier's floor (0.85) when `verifier` is on.
+    #: Cosine similarity a candidate needs; None = the verifier's lookup floor (0.93) when `verifier` is on,
+    #: else the calibrated cosine-only default (docs/semantic-cache.md).
     threshold: float | None = Field(default=None, gt=0, le=1)
-    #: Also judge each candidate with the learned verifier (fewer wrong answers, fewer hits; measured in
-    #: docs/semantic-cache.md).
-    verifier: bool = False
+    #: Judge each candidate with the learned verifier (more hits and fewer wrong answers than cosine alone,
+    #: measured in docs/semantic-cache.md); false = cosine alone.
+    verifier: bool = True
     #: The verifier's probability a hit needs; None = its calibrated default.
     verifier_threshold: float | None = Field(default=None, gt=0, lt=1)
     ttl_s: float = Field(default=3600.0, gt=0)

@@ -8,13 +8,19 @@ import numpy as np
 import pytest
 
 from gateway.cache.calibration import (
+    AUDIT_PATH,
     MAIN,
+    PANEL,
     SOURCES,
+    Pair,
     calibrate,
     choose_threshold,
     held_out,
+    judged_labels,
+    load_audit,
     load_pairs,
     measure,
+    panel_says_same,
     paraphrase_dir,
 )
 from gateway.cache.embedder import Embedder, SavedEmbeddings
@@ -25,6 +31,8 @@ from gateway.cache.verifier import (
     MIN_SIMILARITY,
     export,
     features,
+    fit,
+    lookup_floor,
     probability,
     shipped_model,
     verify,
@@ -94,21 +102,56 @@ def test_choose_threshold_meets_its_own_constraint() -> None:
         choose_threshold(scores, duplicate, target=0.0, min_hits=4000)
 
 
-def test_calibration_on_a_slice_of_the_pack_picks_a_threshold_meeting_its_aim(embedder: Embedder) -> None:
+@pytest.mark.parametrize("audited", [False, True], ids=["qqp-labels", "panel-labels"])
+def test_calibration_on_a_slice_of_the_pack_picks_a_threshold_meeting_its_aim(embedder: Embedder,
+                                                                              audited: bool) -> None:
     folder = require_paraphrase_pack()
-    report = calibrate(folder, embedder.embed_many, limit=300, min_hits=10)
+    audit = load_audit() if audited else None
+    report = calibrate(folder, embedder.embed_many, audit=audit, limit=300, min_hits=10)
     assert set(report["rules"]) == {"cosine", "cosine+guard", "cosine+verifier"}
     for rule in report["rules"]:
         r = report["rules"][rule]
         assert r["fit"]["hits"] >= 10
         assert r["fit"]["false_hit_share"] <= r["aimed_at"] + 1e-9
-        assert r["target_met"] == (r["aimed_at"] == report["target_false_hit_share"])
+        assert r["target_met_on_fit"] == (r["aimed_at"] == report["target_false_hit_share"])
         assert set(r["held_out"]) == set(SOURCES)
         assert 0.5 < r["threshold"] <= 1.0
+        assert ("held_out_by_qqp_labels" in r) == audited
     # The verifier's threshold is chosen on out-of-fold probabilities of the fit part (checked above like the
-    # others'); its model comes with the report.
-    assert report["rules"]["cosine+verifier"]["min_similarity"] == MIN_SIMILARITY
-    assert report["verifier_model"]["features"] == list(FEATURES) and report["verifier_model"]["trees"]
+    # others'); its model comes with the report, with the floor the index is queried from.
+    verifier = report["rules"]["cosine+verifier"]
+    assert verifier["min_similarity"] == MIN_SIMILARITY
+    model = report["verifier_model"]
+    assert model["features"] == list(FEATURES) and model["trees"]
+    assert model["threshold"] == verifier["threshold_exact"]
+    assert MIN_SIMILARITY <= model["lookup_floor"] <= verifier["lowest_cosine_served"]
+    if audited:
+        assert report["labels"] == "panel where judged, else QQP"
+        assert report["audit"]["pairs_judged"] > 0  # the first 300 QQP pairs include judged ones
+    else:
+        assert report["labels"] == "QQP" and report["audit"] is None
+
+
+def test_the_panel_label_is_a_strict_majority_and_unsure_counts_against() -> None:
+    assert panel_says_same(["same", "same", "different"])
+    assert not panel_says_same(["same", "different", "unsure"])
+    assert not panel_says_same(["same", "unsure", "unsure"])
+    assert not panel_says_same(["same", "same", "different", "different"])  # a tie is not a majority
+    pairs = [Pair("qqp:t:1", "a", "b", True), Pair("qqp:t:2", "c", "d", False), Pair("qqp:t:3", "e", "f", True),
+             Pair("qqp:t:4", "g", "h", False)]
+    audit = {"qqp:t:1": ["different"] * PANEL, "qqp:t:2": ["same"] * PANEL, "qqp:t:4": ["same"]}  # 4: one verdict
+    assert judged_labels(pairs, audit).tolist() == [False, True, True, False]
+
+
+def test_the_shipped_audit_judges_real_pairs_of_the_pack() -> None:
+    audit = load_audit(AUDIT_PATH)
+    assert len(audit) > 2000
+    assert all(set(v) <= {"same", "different", "unsure"} for v in audit.values())
+    panels = [v for v in audit.values() if len(v) >= PANEL]
+    assert len(panels) > 2000 and sum(len(v) < PANEL for v in audit.values()) == 150  # the control pairs
+    folder = require_paraphrase_pack()
+    known = {p.pair_id for p in load_pairs(folder, MAIN)}
+    assert set(audit) <= known
 
 
 def test_the_guard_blocks_different_numbers_and_negations() -> None:
@@ -129,6 +172,16 @@ def test_features_see_word_order_numbers_and_question_words() -> None:
     assert numbers["number_mismatch"] == 1.0 and numbers["negation_mismatch"] == 0.0
     wh = dict(zip(FEATURES, features("Why is the sky blue?", "When is the sky blue?", 0.9), strict=True))
     assert wh["wh_mismatch"] == 1.0 and wh["content_only_a"] == wh["content_only_b"] == 0.0
+    assert wh["function_word_changes"] == wh["named_words_one_side"] == wh["question_count_difference"] == 0.0
+    tense = dict(zip(FEATURES, features("Which is the longest bridge in India?",
+                                        "Which will be the longest bridge in India?", 0.98), strict=True))
+    assert tense["function_word_changes"] == 1.0 and tense["named_words_one_side"] == 0.0  # "will"
+    named = dict(zip(FEATURES, features("Does Moto G4 support Jio?", "Does Moto G4 Plus support Jio?", 0.99),
+                     strict=True))
+    assert named["named_words_one_side"] == 1.0 and named["function_word_changes"] == 0.0
+    extra = dict(zip(FEATURES, features("Can deaf people become farmers?",
+                                        "Can deaf people become farmers? If so, how?", 0.97), strict=True))
+    assert extra["question_count_difference"] == 1.0
 
 
 def test_the_exported_trees_give_the_learner_s_probabilities() -> None:
@@ -143,9 +196,24 @@ def test_the_exported_trees_give_the_learner_s_probabilities() -> None:
     assert ours == pytest.approx(learner.predict_proba(rows[:50])[:, 1].tolist(), abs=1e-9)
 
 
+def test_extra_training_rows_shape_the_model_but_not_the_out_of_fold_scores() -> None:
+    rng = np.random.default_rng(2)
+    rows = rng.random((400, len(FEATURES)))
+    labels = rows[:, 0] > 0.5
+    groups = np.arange(400) // 4
+    alone, out_of_fold = fit(rows, labels, groups)
+    # Extra pairs that say the opposite about feature 1 (always in training, never scored out of fold).
+    extra = rng.random((400, len(FEATURES)))
+    with_extra, out_of_fold_extra = fit(rows, labels, groups, extra, extra[:, 1] > 0.5)
+    assert out_of_fold.shape == out_of_fold_extra.shape == (400,)
+    probe = [0.9] + [0.1] * (len(FEATURES) - 1)
+    assert probability(with_extra, probe) < probability(alone, probe)
+
+
 def test_the_shipped_verifier_refuses_a_word_swap_and_serves_a_restatement() -> None:
     assert shipped_model()["threshold"] == DEFAULT_VERIFIER_THRESHOLD
     assert shipped_model()["features"] == list(FEATURES)
+    assert MIN_SIMILARITY <= lookup_floor() < 1.0
     question = "How do I get from Chennai to Tirupur by train?"
     assert verify(question, "How do I get from Chennai to Tirupur by train ?", 0.999) >= DEFAULT_VERIFIER_THRESHOLD
     assert verify(question, "How do I get from Tirupur to Chennai by train?", 0.98) < DEFAULT_VERIFIER_THRESHOLD

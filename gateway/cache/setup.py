@@ -43,9 +43,9 @@ def _semantic_layer(config: CacheConfig) -> SemanticLayer:
     verifier_threshold = None
     default_threshold = DEFAULT_SIMILARITY_THRESHOLD
     if semantic.verifier:
-        from gateway.cache.verifier import DEFAULT_VERIFIER_THRESHOLD, MIN_SIMILARITY  # noqa: PLC0415
+        from gateway.cache.verifier import DEFAULT_VERIFIER_THRESHOLD, lookup_floor  # noqa: PLC0415
 
-        default_threshold = MIN_SIMILARITY
+        default_threshold = lookup_floor()
         verifier_threshold = semantic.verifier_threshold or DEFAULT_VERIFIER_THRESHOLD
     threshold = semantic.threshold if semantic.threshold is not None else default_threshold
     return SemanticLayer(Embedder(), index, threshold, semantic.ttl_s, verifier_threshold)

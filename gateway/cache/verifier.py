@@ -1,11 +1,14 @@
 """A learned check on a semantic-cache hit: given the cached question, the new one and their cosine, the
-probability that a human would call them the same question.
+probability that the two ask for the same answer.
 
-Cosine alone cannot see word order ("from Chennai to Tirupur"), one changed token ("Lesson 5" / "Lesson 3")
-or a different question word. The features below are cheap string statistics of the pair (~0.1 ms); a small
-gradient-boosted tree model fitted on the fit part of QQP (`frugal cache calibrate --verifier-out`, see
-docs/semantic-cache.md) weighs them. The fitted trees ship as `verifier.json` beside this file and are
-evaluated here in plain Python: no scikit-learn at lookup time.
+Cosine alone cannot see word order ("from Chennai to Tirupur"), one changed token ("Lesson 5" / "Lesson 3"),
+a changed function word ("will be" / "is", "most" / "all"), an added name ("Moto G4" / "Moto G4 Plus") or a
+different question word. The features below are cheap string statistics of the pair (~0.1 ms); a small
+gradient-boosted tree model weighs them. It is fitted on the fit part of QQP, with the verdicts of a blind
+annotator panel where they exist (docs/semantic-cache-audit.md), and on the fit parts of PAWS's word-swap
+pairs, so that it learns that the same words in another order can mean another question
+(`frugal cache calibrate --verifier-out`, docs/semantic-cache.md). The fitted trees ship as `verifier.json`
+beside this file and are evaluated here in plain Python: no scikit-learn at lookup time.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ if TYPE_CHECKING:
 MIN_SIMILARITY = 0.85
 #: The probability at or above which a candidate is served, chosen on cross-validated predictions of the fit
 #: part of QQP (the same value as `threshold` in verifier.json; a test keeps them equal).
-DEFAULT_VERIFIER_THRESHOLD = 0.9460490840726498
+DEFAULT_VERIFIER_THRESHOLD = 0.9262467179689734
 MODEL_PATH = Path(__file__).with_name("verifier.json")
 #: The learner's settings (scikit-learn's HistGradientBoostingClassifier), chosen by the cross-validated
 #: false-hit floor on the fit part.
@@ -42,10 +45,20 @@ _STOP = frozenset(
     "one ever also out up".split())
 _WH = ("what", "which", "who", "whom", "whose", "when", "where", "why", "how")
 
+#: Function words whose change usually changes the question: tense and modality, quantity and comparison,
+#: person, direction.
+_SIGNIFICANT = frozenset(
+    "will would should must shall might may was were been had did most all some any many much more less few "
+    "every each none only than as he she him her his hers they them their we our you your i my me from to into "
+    "out before after without with against for".split())
+#: A capitalised word that does not open a sentence: part of a name ("Moto G4 Plus", "for a Canadian").
+_NAMED = re.compile(r"(?<!^)(?<![.?!] )\b[A-Z][a-zA-Z0-9]+")
+
 FEATURES = (
     "cosine", "word_jaccard", "char3_jaccard", "bigram_jaccard", "order_agreement", "content_order_agreement",
     "length_ratio",
     "content_only_a", "content_only_b", "number_mismatch", "negation_mismatch", "wh_mismatch", "identical",
+    "function_word_changes", "named_words_one_side", "question_count_difference",
 )
 
 
@@ -108,6 +121,10 @@ def features(cached_question: str, new_question: str, similarity: float) -> list
         float(len(_NEGATION.findall(cached_question)) != len(_NEGATION.findall(new_question))),
         float(_wh(wa) != _wh(wb)),
         float(wa == wb),
+        float(len((sa ^ sb) & _SIGNIFICANT)),
+        float(len({w.lower() for w in _NAMED.findall(cached_question)} - sb
+                  | {w.lower() for w in _NAMED.findall(new_question)} - sa)),
+        float(abs(cached_question.count("?") - new_question.count("?"))),
     ]
 
 
@@ -134,6 +151,13 @@ def shipped_model() -> dict[str, Any]:
     return model
 
 
+def lookup_floor() -> float:
+    """The cosine the index is queried from when the verifier judges: a little below the lowest cosine it
+    served on any labelled set at calibration (`lookup_floor` in verifier.json), so that the lookup scores
+    fewer rows exactly without changing any decision measured there."""
+    return float(shipped_model()["lookup_floor"])
+
+
 def verify(cached_question: str, new_question: str, similarity: float) -> float:
     """The probability that `new_question` may be served `cached_question`'s answer; 0.0 below
     `MIN_SIMILARITY`. Serve when it is ≥ `DEFAULT_VERIFIER_THRESHOLD`."""
@@ -142,22 +166,27 @@ def verify(cached_question: str, new_question: str, similarity: float) -> float:
     return probability(shipped_model(), features(cached_question, new_question, similarity))
 
 
-def fit(rows: np.ndarray, duplicate: np.ndarray, groups: np.ndarray,
-        folds: int = FOLDS) -> tuple[dict[str, Any], np.ndarray]:
-    """Fit the trees on `rows` (features of pairs at or above `MIN_SIMILARITY`). Returns the exported model
-    and out-of-fold probabilities (folds by `groups`, so that no text is on both sides of a fold), from which
-    the threshold is chosen without scoring a pair with a model that saw it."""
+def fit(rows: np.ndarray, duplicate: np.ndarray, groups: np.ndarray, extra_rows: np.ndarray | None = None,
+        extra_duplicate: np.ndarray | None = None, folds: int = FOLDS) -> tuple[dict[str, Any], np.ndarray]:
+    """Fit the trees on `rows` (features of pairs at or above `MIN_SIMILARITY`) and `extra_rows` (pairs of
+    other sets, always in training). Returns the exported model and out-of-fold probabilities of `rows`
+    (folds by `groups`, so that no text is on both sides of a fold), from which the threshold is chosen
+    without scoring a pair with a model that saw it."""
     import numpy as np
     from sklearn.ensemble import HistGradientBoostingClassifier
     from sklearn.model_selection import GroupKFold
 
-    def learner() -> HistGradientBoostingClassifier:
-        return HistGradientBoostingClassifier(**TREES, random_state=0)
+    extra_x = extra_rows if extra_rows is not None else np.zeros((0, rows.shape[1]))
+    extra_y = extra_duplicate if extra_duplicate is not None else np.zeros(0, dtype=bool)
+
+    def fitted(x: np.ndarray, y: np.ndarray) -> HistGradientBoostingClassifier:
+        return HistGradientBoostingClassifier(**TREES, random_state=0).fit(np.vstack([x, extra_x]),
+                                                                          np.concatenate([y, extra_y]))
 
     out_of_fold = np.zeros(len(rows))
     for train, test in GroupKFold(folds).split(rows, duplicate, groups):
-        out_of_fold[test] = learner().fit(rows[train], duplicate[train]).predict_proba(rows[test])[:, 1]
-    return export(learner().fit(rows, duplicate)), out_of_fold
+        out_of_fold[test] = fitted(rows[train], duplicate[train]).predict_proba(rows[test])[:, 1]
+    return export(fitted(rows, duplicate)), out_of_fold
 
 
 def export(model: Any) -> dict[str, Any]:
