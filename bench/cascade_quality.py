@@ -29,15 +29,15 @@ sys.path.insert(0, str(REPO))
 
 from bench._common import markdown_table, record  # noqa: E402
 from router.cascade_file import CascadeFile  # noqa: E402
-from router.evaluation import query_costs  # noqa: E402
-from router.fitting import FitOptions, fit_cascade  # noqa: E402
-from router.optimizer import pareto, search, second_tier_pairs, sequences  # noqa: E402
-from router.reference import ZELLINGER, ZELLINGER_MODELS  # noqa: E402
-from router.report import evaluate  # noqa: E402
-from scorer.dataset import Grid, load_grid  # noqa: E402
-from scorer.grid_scores import GridScores, score_grid  # noqa: E402
+from router.fit.evaluation import query_costs  # noqa: E402
+from router.fit.fitting import FitOptions, fit_cascade  # noqa: E402
+from router.fit.optimizer import pareto, search, second_tier_pairs, sequences  # noqa: E402
+from router.fit.reference import ZELLINGER, ZELLINGER_MODELS  # noqa: E402
+from router.fit.report import evaluate  # noqa: E402
+from scorer.fit.dataset import Grid, load_grid  # noqa: E402
+from scorer.fit.grid_scores import GridScores, score_grid  # noqa: E402
+from scorer.fit.train import TrainConfig  # noqa: E402
 from scorer.runtime import OnnxScorer  # noqa: E402
-from scorer.train import TrainConfig  # noqa: E402
 
 DATA = Path(os.environ.get("FRUGAL_DATA_DIR", REPO.parent / "shared" / "data")) / "cascade"
 PRICES = REPO / "examples" / "prices" / "zellinger.yaml"

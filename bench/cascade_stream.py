@@ -28,9 +28,9 @@ sys.path.insert(0, str(REPO))
 
 from bench._common import markdown_table, record  # noqa: E402
 from bench.gateway_overhead import start  # noqa: E402
-from scorer.dataset import load_grid  # noqa: E402
-from scorer.export import save  # noqa: E402
-from scorer.train import fit  # noqa: E402
+from scorer.fit.dataset import load_grid  # noqa: E402
+from scorer.fit.export import save  # noqa: E402
+from scorer.fit.train import fit  # noqa: E402
 from tests.cascade_data import synthetic_file  # noqa: E402
 from tests.harness import free_port  # noqa: E402
 

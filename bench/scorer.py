@@ -21,12 +21,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import markdown_table, record  # noqa: E402
-from router.optimizer import crossfit  # noqa: E402
-from scorer.dataset import load_grid  # noqa: E402
-from scorer.export import save  # noqa: E402
-from scorer.quality import quality  # noqa: E402
+from router.fit.optimizer import crossfit  # noqa: E402
+from scorer.fit.dataset import load_grid  # noqa: E402
+from scorer.fit.export import save  # noqa: E402
+from scorer.fit.quality import quality  # noqa: E402
+from scorer.fit.train import TrainConfig, fit  # noqa: E402
 from scorer.runtime import OnnxScorer  # noqa: E402
-from scorer.train import TrainConfig, fit  # noqa: E402
 
 DATA = Path(os.environ.get("FRUGAL_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data")) / "cascade"
 COMBOS = [("logistic", "per-model"), ("logistic", "pooled"), ("boosting", "per-model"), ("boosting", "pooled")]

@@ -1,33 +1,82 @@
-"""Building backends from the configuration: the one place that picks a transport for a model."""
+"""Building backends from the configuration: a registry of backend kinds, each claiming the models it serves.
+
+A configured model is built by the first registered kind that claims it: local models (`local/NAME`), then
+the direct HTTP transport (OpenAI-compatible providers with an `api_base`, or `transport: http`), then
+litellm (every other provider). A new kind of backend joins by registering itself; nothing else changes.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
 
-from gateway.settings import ConfigError, FrugalConfig, ModelConfig
-from router.cascade import CascadeRoute
-from router.optimizer import Tier
+from gateway.settings import ConfigError, ModelConfig
 from workers.backend import Backend
 from workers.http_backend import HTTPBackend
 from workers.litellm_backend import LiteLLMBackend
-from workers.remote import OPENAI_COMPATIBLE, RemoteModel
+from workers.remote import RemoteModel, speaks_openai
 
 log = logging.getLogger("frugal.backends")
 
-def transport_for(model: ModelConfig) -> str:
-    if model.transport != "auto":
-        return model.transport
-    provider = model.backend.split("/", 1)[0] if "/" in model.backend else "openai"
-    if provider in OPENAI_COMPATIBLE and model.resolved_api_base():
-        return "http"
-    return "litellm"
+
+@dataclass(frozen=True)
+class BackendKind:
+    """One way of serving a configured model."""
+
+    name: str
+    #: Whether this kind serves `model` (kinds are asked in registration order).
+    claims: Callable[[ModelConfig], bool]
+    build: Callable[[ModelConfig], Backend]
+
+
+class BackendRegistry:
+    """The backend kinds a gateway can build, in the order they are asked."""
+
+    def __init__(self, kinds: Iterable[BackendKind] = ()) -> None:
+        self._kinds: list[BackendKind] = []
+        for kind in kinds:
+            self.register(kind)
+
+    def register(self, kind: BackendKind, *, first: bool = False) -> None:
+        """Add `kind`, asked after those already registered (before them with `first`)."""
+        if any(k.name == kind.name for k in self._kinds):
+            raise ValueError(f"a backend kind named {kind.name!r} is already registered")
+        self._kinds.insert(0 if first else len(self._kinds), kind)
+
+    def kind_for(self, model: ModelConfig) -> BackendKind:
+        for kind in self._kinds:
+            if kind.claims(model):
+                return kind
+        raise ConfigError(f"model {model.name!r}: no backend serves {model.backend!r} "
+                          f"(transport {model.transport}; kinds: {', '.join(k.name for k in self._kinds)})")
+
+    def build(self, model: ModelConfig) -> Backend:
+        kind = self.kind_for(model)
+        log.info("model %s: %s via %s", model.name, model.backend, kind.name)
+        return kind.build(model)
+
+
+def remote_model(model: ModelConfig) -> RemoteModel:
+    """A remote model's settings, with its secrets read from the environment (a missing key is logged)."""
+    remote = RemoteModel(
+        name=model.name,
+        litellm_model=model.backend,
+        price=model.price,
+        api_base=model.resolved_api_base(),
+        api_key=model.resolved_api_key(),
+        missing_key_env=model.api_key_env if model.api_key_env and model.resolved_api_key() is None else None,
+    )
+    if remote.missing_key_env:
+        log.warning("model %s: environment variable %s is not set; its requests will fail until it is",
+                    model.name, model.api_key_env)
+    return remote
 
 
 def build_local_backend(model: ModelConfig) -> Backend:
     """A local ONNX model, built from its packaged source on first use (logged: it takes seconds)."""
-    from pathlib import Path  # noqa: PLC0415
-
-    from workers.local.backend import LocalBackend  # noqa: PLC0415
+    from workers.local.backend import LocalBackend  # noqa: PLC0415 (onnxruntime, only when a local model is served)
     from workers.local.catalog import DEFAULT_QUANT, resolve  # noqa: PLC0415
     from workers.local.engine import EngineConfig  # noqa: PLC0415
 
@@ -46,50 +95,20 @@ def build_local_backend(model: ModelConfig) -> Backend:
                         isolate_tenants=serving.isolate_tenants)
 
 
-def build_backend(model: ModelConfig) -> Backend:
+def _direct_http(model: ModelConfig) -> bool:
+    """`transport: http`, or `auto` for a provider that speaks OpenAI's protocol unchanged at an `api_base`."""
     if model.is_local:
-        return build_local_backend(model)
-    remote = RemoteModel(
-        name=model.name,
-        litellm_model=model.backend,
-        price=model.price,
-        api_base=model.resolved_api_base(),
-        api_key=model.resolved_api_key(),
-        missing_key_env=model.api_key_env if model.api_key_env and model.resolved_api_key() is None else None,
-    )
-    if remote.missing_key_env:
-        log.warning("model %s: environment variable %s is not set; its requests will fail until it is",
-                    model.name, model.api_key_env)
-    transport = transport_for(model)
-    log.info("model %s: %s via %s", model.name, model.backend, transport)
-    if transport == "http":
-        return HTTPBackend(remote)
-    return LiteLLMBackend(remote)
+        return False
+    return model.transport == "http" or (model.transport == "auto" and speaks_openai(model.backend)
+                                         and bool(model.resolved_api_base()))
 
 
-def build_cascades(config: FrugalConfig) -> dict[str, CascadeRoute]:
-    """The cascade routes, each with its scorer loaded (ONNX Runtime sessions)."""
-    from scorer.runtime import OnnxScorer, ScorerError  # noqa: PLC0415 - onnxruntime only when needed
+LOCAL = BackendKind("local", lambda m: m.is_local, build_local_backend)
+HTTP = BackendKind("http", _direct_http, lambda m: HTTPBackend(remote_model(m)))
+LITELLM = BackendKind("litellm", lambda m: not m.is_local and m.transport in ("litellm", "auto"),
+                      lambda m: LiteLLMBackend(remote_model(m)))
 
-    routes: dict[str, CascadeRoute] = {}
-    scorers: dict[str, OnnxScorer] = {}
-    for route in config.routes:
-        if route.kind != "cascade":
-            continue
-        folder = str(route.scorer)
-        try:
-            scorer = scorers.get(folder) or OnnxScorer(folder)
-        except ScorerError as exc:
-            raise ConfigError(f"route {route.name!r}: {exc}") from exc
-        scorers[folder] = scorer
-        unknown = [t.model for t in route.tiers[:-1] if not scorer.knows(t.model)]
-        if unknown:
-            raise ConfigError(f"route {route.name!r}: the scorer in {folder} was not trained for "
-                              f"{', '.join(unknown)} (every tier but the last is scored)")
-        tiers = tuple(Tier(t.model, t.threshold if i < len(route.tiers) - 1 else None)
-                      for i, t in enumerate(route.tiers))
-        routes[route.name] = CascadeRoute(route.name, tiers, scorer)
-        log.info("route %s: cascade %s", route.name,
-                 " -> ".join(f"{t.model}" + (f" (>= {t.threshold:.3f})" if t.threshold is not None else "")
-                             for t in tiers))
-    return routes
+
+def default_backends() -> BackendRegistry:
+    """The kinds every gateway has: local, direct HTTP, litellm."""
+    return BackendRegistry([LOCAL, HTTP, LITELLM])

@@ -10,11 +10,13 @@ from typing import Any
 
 from gateway.ledger import Ledger, ledger_row
 from gateway.metrics import GatewayMetrics
-from router.cascade import CascadeRoute
 from router.trace import DecisionTrace
 from workers.backend import Usage
 
 log = logging.getLogger("frugal.requests")
+
+#: Status recorded for a stream the client abandoned (nginx's convention; never sent on the wire).
+CLIENT_CLOSED = 499
 
 
 @dataclass(slots=True)
@@ -39,12 +41,27 @@ class RequestRecord:
     prompt: Any = None
     response: str | None = None
     recorded: bool = False
-    #: The cascade route being served (None for models and fallback routes).
-    cascade: CascadeRoute | None = None
     #: Response cache: "none" (not consulted), "bypass", "miss", "hit" or "semantic-hit".
     cache: str = "none"
     #: What the cached answer cost when it was made (hits only).
     cache_saved_usd: float = 0.0
+
+    def failed(self, status: int, code: str | None) -> None:
+        self.status, self.error_code = status, code
+
+    def abandoned(self) -> None:
+        """The client went away before the answer was complete."""
+        self.client_disconnected = True
+        self.status, self.error_code = CLIENT_CLOSED, "client_closed"
+
+    def answered(self, usage: Usage, cost_usd: float, response: str | None) -> None:
+        """A complete answer was sent (`response`: its text, kept only when content is stored)."""
+        self.usage, self.cost_usd, self.response = usage, cost_usd, response
+        self.status = 200
+
+    def spent(self, usage: Usage, cost_usd: float, response: str | None) -> None:
+        """What an answer that ended early used and cost (its status is set apart)."""
+        self.usage, self.cost_usd, self.response = usage, cost_usd, response
 
 
 class Recorder:

@@ -5,8 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
+from starlette.responses import Response
 
 from workers.backend import Choice, RequestKind, StreamChunk, TokenLogprob, Usage
+
+
+def json_response(body: object, status: int = 200) -> Response:
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
 
 
 def logprobs_json(kind: RequestKind, logprobs: list[TokenLogprob] | None) -> Any:

@@ -1,5 +1,6 @@
-"""Decides which models answer a request: fallback routes (retries, cooldowns) and cascades (tiers judged
-by a scorer), the decision trace, and the optimizer that fits cascades to labelled outcomes.
+"""Decides which models answer a request: one `Route` protocol (`route.py`) met by fallback routes and
+cascades (tiers judged by a scorer), the pool that calls models with retries and cooldowns, streams that keep
+their own books, and the decision trace. Offline, `router.fit` fits cascades to labelled outcomes.
 
 Knows the `Backend` protocol of `workers` and a `Scorer` protocol (met by `scorer.runtime.OnnxScorer`),
 nothing of HTTP.

@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from router.optimizer import CascadePoint, Tier
+from router.tiers import CascadePoint, Tier
 
 FORMAT = "frugal-cascade"
 

@@ -72,6 +72,11 @@ class DecisionTrace:
     #: Prompt compression applied (or declined) before the models that answered.
     compressions: list[CompressionRecord] = field(default_factory=list)
 
+    @classmethod
+    def cache_hit(cls, route: str, model: str, cache: dict[str, Any]) -> DecisionTrace:
+        """A request answered from the response cache: no model was called (`cache` says which entry)."""
+        return cls(route=route, model=model, cache=cache)
+
     @property
     def accepted_tier(self) -> int | None:
         """1-based number of the tier whose answer was returned (cascade routes)."""

@@ -1,6 +1,6 @@
 """Judges answers: P(correct | query, answer, model, earlier tiers' answers).
 
-Features (`features`, `vectors`), training and calibration (`train`), ONNX export (`export`), ONNX Runtime
-scoring (`runtime`), quality measures (`quality`), and the labelled data they learn from (`dataset`).
-See docs/scorer.md. Knows nothing of the other packages.
+Serving: features (`features`, `vectors`) and ONNX Runtime scoring (`runtime`). Offline, in `scorer.fit`:
+the labelled data, training and calibration, ONNX export and quality measures. See docs/scorer.md. Knows
+nothing of the other packages.
 """

@@ -1,6 +1,6 @@
 """Scoring with ONNX Runtime: what the gateway runs on every cascade tier but the last.
 
-Loads a folder written by `scorer.export.save`. Imports neither scikit-learn nor skl2onnx, so a serving
+Loads a folder written by `scorer.fit.export.save`. Imports neither scikit-learn nor skl2onnx, so a serving
 process carries only numpy and onnxruntime.
 """
 

@@ -12,8 +12,10 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from standin.core import Answer, StandIn, error_response, json_response, query_candidates
 from standin.faults import Behaviour
 from workers.openai_format import content_text
+from workers.tokens import count_tokens
 
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens"}
 
@@ -34,27 +36,24 @@ def _event(name: str, payload: dict[str, Any]) -> bytes:
     return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
 
 
-async def handle_messages(standin: Any, request: Request) -> Response:
-    from standin.server import _error, _json, query_candidates  # noqa: PLC0415  (sibling helpers)
-
-    admitted = await standin._admit(request)
+async def handle_messages(standin: StandIn, request: Request) -> Response:
+    """`POST /v1/messages`, streaming or not."""
+    admitted = await standin.admit(request)
     if isinstance(admitted, Response):
         return admitted
     body, model, behaviour = admitted
     messages = as_openai_messages(body)
     if not any(m.get("role") == "user" for m in messages):
-        return _error(400, "messages: at least one user message is required")
+        return error_response(400, "messages: at least one user message is required")
     if not isinstance(body.get("max_tokens"), int):
-        return _error(400, "max_tokens: Field required")
-    from workers.tokens import count_tokens  # noqa: PLC0415
-
+        return error_response(400, "max_tokens: Field required")
     prompt_tokens = sum(count_tokens(content_text(m.get("content"))) for m in messages)
     params = {"max_tokens": body["max_tokens"], "stop": body.get("stop_sequences")}
-    answer = standin._answer(model, query_candidates(messages), prompt_tokens, params)
+    answer = standin.answer(model, query_candidates(messages), prompt_tokens, params)
     message_id = f"msg_standin_{uuid.uuid4().hex[:20]}"
     stop_reason = STOP_REASONS[answer.finish_reason]
     if not body.get("stream"):
-        return _json({
+        return json_response({
             "id": message_id, "type": "message", "role": "assistant", "model": model,
             "content": [{"type": "text", "text": answer.text}],
             "stop_reason": stop_reason, "stop_sequence": None,
@@ -64,7 +63,7 @@ async def handle_messages(standin: Any, request: Request) -> Response:
                              media_type="text/event-stream")
 
 
-async def _stream(message_id: str, model: str, answer: Any, stop_reason: str,
+async def _stream(message_id: str, model: str, answer: Answer, stop_reason: str,
                   behaviour: Behaviour) -> AsyncIterator[bytes]:
     yield _event("message_start", {"type": "message_start", "message": {
         "id": message_id, "type": "message", "role": "assistant", "model": model, "content": [],

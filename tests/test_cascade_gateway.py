@@ -16,9 +16,9 @@ import pytest
 import yaml
 
 from gateway.settings import ConfigError, parse_config
-from router.fitting import FitOptions, fit_cascade
-from scorer.dataset import Grid, load_grid
-from scorer.train import TrainConfig
+from router.fit.fitting import FitOptions, fit_cascade
+from scorer.fit.dataset import Grid, load_grid
+from scorer.fit.train import TrainConfig
 from tests.cascade_data import MODELS, synthetic_file
 from tests.harness import BIN, Gateway, Service, data_file, model_entry, standin
 

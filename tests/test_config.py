@@ -85,7 +85,7 @@ def test_the_example_configs_are_valid() -> None:
 
 
 def test_log_lines_are_formatted_once(tmp_path: Path) -> None:
-    script = ("import logging\nfrom gateway.cli import _logging\n_logging('info')\n"
+    script = ("import logging\nfrom gateway.cli.common import configure_logging\nconfigure_logging('info')\n"
               "logging.getLogger('frugal.test').info('hello %s', 'there')\n")
     done = subprocess.run([str(BIN.parent / "bin" / "python"), "-c", script], capture_output=True, text=True,
                           timeout=60, cwd=tmp_path)

@@ -11,16 +11,17 @@ import numpy as np
 import pytest
 
 from router.cascade_file import CascadeFile, CascadeFileError
-from router.evaluation import evaluate_points, query_costs, replay
-from router.optimizer import CascadePoint, Tier, choose, crossfit, pareto, search, second_tier_pairs, sequences
-from router.reference import ZELLINGER_MODELS, reference_dir, upper_envelope, zellinger_points
-from scorer.dataset import grid_from_rows, load_grid
-from scorer.export import save
-from scorer.grid_scores import GridScores
-from scorer.quality import auroc
+from router.fit.evaluation import evaluate_points, query_costs, replay
+from router.fit.optimizer import choose, crossfit, pareto, search, second_tier_pairs, sequences
+from router.fit.reference import ZELLINGER_MODELS, reference_dir, upper_envelope, zellinger_points
+from router.tiers import CascadePoint, Tier
+from scorer.fit.dataset import grid_from_rows, load_grid
+from scorer.fit.export import save
+from scorer.fit.grid_features import first_tier_features
+from scorer.fit.grid_scores import GridScores
+from scorer.fit.quality import auroc
+from scorer.fit.train import TrainConfig, fit
 from scorer.runtime import OnnxScorer
-from scorer.train import TrainConfig, fit
-from scorer.vectors import first_tier_features
 from tests.cascade_data import synthetic_file, synthetic_rows
 from tests.harness import BIN, data_file
 

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from router.cooldown import Cooldown
-from router.fallback import RetryPolicy
+from router.pool import RetryPolicy
 from tests.harness import Clock, Gateway, Service, model_entry
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]

@@ -9,14 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scorer.dataset import DataError, grid_from_rows, load_grid
-from scorer.export import save
 from scorer.features import SIGNALS, FeatureSpec, Previous, featurize, normalized_answer
-from scorer.grid_scores import score_grid
-from scorer.quality import auroc, quality
+from scorer.fit.dataset import DataError, grid_from_rows, load_grid
+from scorer.fit.export import save
+from scorer.fit.grid_features import after, first_tier_features
+from scorer.fit.grid_scores import score_grid
+from scorer.fit.quality import auroc, quality
+from scorer.fit.train import TrainConfig, fit, grouped_folds, text_mask
 from scorer.runtime import OnnxScorer, ScorerError
-from scorer.train import TrainConfig, fit, grouped_folds, text_mask
-from scorer.vectors import after, first_tier_features
 from tests.cascade_data import synthetic_file, synthetic_rows
 
 

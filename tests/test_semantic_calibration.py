@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gateway.cache.calibration import (
+from gateway.cache.calibration.calibrate import (
     AUDIT_PATH,
     MAIN,
     PANEL,
@@ -23,15 +23,14 @@ from gateway.cache.calibration import (
     panel_says_same,
     paraphrase_dir,
 )
+from gateway.cache.calibration.verifier_fit import export, fit
 from gateway.cache.embedder import Embedder, SavedEmbeddings
 from gateway.cache.guard import compatible
 from gateway.cache.verifier import (
     DEFAULT_VERIFIER_THRESHOLD,
     FEATURES,
     MIN_SIMILARITY,
-    export,
     features,
-    fit,
     lookup_floor,
     probability,
     shipped_model,

@@ -16,10 +16,10 @@ from typing import Any
 import aiohttp
 import orjson
 
-from workers.backend import GenerationRequest, GenerationResult, StreamChunk, Usage
+from workers.backend import GenerationRequest, GenerationResult, StreamChunk
 from workers.errors import BackendError, FailureKind, kind_for_status, retry_after_seconds
 from workers.openai_format import error_message, parse_response, parse_stream_chunk
-from workers.remote import RemoteModel, check_credentials, choice_texts, complete_usage, request_body
+from workers.remote import RemoteModel, StreamTally, check_credentials, priced_result, request_body
 
 
 class HTTPBackend:
@@ -78,14 +78,7 @@ class HTTPBackend:
         except orjson.JSONDecodeError as exc:
             raise BackendError(FailureKind.SERVER, f"{self.name}: upstream sent invalid JSON") from exc
         choices, usage = parse_response(request.kind, body)
-        usage = complete_usage(usage, request, choice_texts(choices))
-        return GenerationResult(
-            model=self.name,
-            choices=choices,
-            usage=usage,
-            latency_s=time.perf_counter() - started,
-            cost_usd=self.price.cost(usage.prompt_tokens, usage.completion_tokens),
-        )
+        return priced_result(self._model, request, choices, usage, started)
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamChunk]:
         check_credentials(self._model)
@@ -93,8 +86,7 @@ class HTTPBackend:
         # No total deadline for a stream: each read (first token, then every chunk) gets timeout_s.
         timeout = aiohttp.ClientTimeout(total=None, connect=min(request.timeout_s, 10.0),
                                         sock_read=request.timeout_s)
-        usage: Usage | None = None
-        texts: dict[int, list[str]] = {}
+        tally = StreamTally(self._model, request)
         try:
             async with self._client().post(self._urls[request.kind], data=content, timeout=timeout) as response:
                 if response.status >= 400:
@@ -111,15 +103,11 @@ class HTTPBackend:
                         raise BackendError(FailureKind.SERVER, f"{self.name}: invalid stream chunk") from exc
                     if isinstance(body, dict) and "error" in body:
                         raise BackendError(FailureKind.SERVER, error_message(body, "upstream stream error"))
-                    chunks, chunk_usage = parse_stream_chunk(request.kind, body)
-                    usage = chunk_usage or usage
-                    for chunk in chunks:
-                        texts.setdefault(chunk.index, []).append(chunk.text)
+                    for chunk in tally.add(*parse_stream_chunk(request.kind, body)):
                         yield chunk
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise self._transport_error(exc) from exc
-        final = complete_usage(usage, request, ["".join(t) for t in texts.values()])
-        yield StreamChunk(usage=final, cost_usd=self.price.cost(final.prompt_tokens, final.completion_tokens))
+        yield tally.closing_chunk()
 
     async def aclose(self) -> None:
         if self._session is not None:

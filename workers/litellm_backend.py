@@ -11,11 +11,11 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from workers.backend import GenerationRequest, GenerationResult, StreamChunk, Usage
+from workers.backend import GenerationRequest, GenerationResult, StreamChunk
 from workers.errors import BackendError, FailureKind, kind_for_status, retry_after_seconds
 from workers.litellm_loader import load_litellm
 from workers.openai_format import parse_response, parse_stream_chunk
-from workers.remote import RemoteModel, check_credentials, choice_texts, complete_usage, request_body
+from workers.remote import RemoteModel, StreamTally, check_credentials, priced_result, request_body
 
 
 def _to_dict(obj: Any) -> dict[str, Any]:
@@ -83,35 +83,21 @@ class LiteLLMBackend:
         except Exception as exc:  # litellm raises its own exception tree; classify all of it
             raise self._error(exc) from exc
         choices, usage = parse_response(request.kind, _to_dict(response))
-        usage = complete_usage(usage, request, choice_texts(choices))
-        return GenerationResult(
-            model=self.name,
-            choices=choices,
-            usage=usage,
-            latency_s=time.perf_counter() - started,
-            cost_usd=self.price.cost(usage.prompt_tokens, usage.completion_tokens),
-        )
+        return priced_result(self._model, request, choices, usage, started)
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamChunk]:
         check_credentials(self._model)
-        usage: Usage | None = None
-        texts: dict[int, list[str]] = {}
+        tally = StreamTally(self._model, request)
         try:
             response = await self._call(request)(**self._kwargs(request, stream=True))
             async for raw in response:
-                chunks, chunk_usage = parse_stream_chunk(request.kind, _to_dict(raw))
-                usage = chunk_usage or usage
-                for chunk in chunks:
-                    texts.setdefault(chunk.index, []).append(chunk.text)
+                for chunk in tally.add(*parse_stream_chunk(request.kind, _to_dict(raw))):
                     yield chunk
         except BackendError:
             raise
         except Exception as exc:
             raise self._error(exc) from exc
-        final = complete_usage(usage, request, ["".join(t) for t in texts.values()])
-        yield StreamChunk(
-            usage=final, cost_usd=self.price.cost(final.prompt_tokens, final.completion_tokens)
-        )
+        yield tally.closing_chunk()
 
     async def aclose(self) -> None:
         return None

@@ -1,17 +1,29 @@
-"""What the two remote backends (litellm and plain HTTP) share: their settings and usage accounting."""
+"""What the two remote backends (litellm and plain HTTP) share: their settings, the request body, and turning
+what a provider answered into a priced result or a stream's closing chunk."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from workers.backend import Choice, GenerationRequest, Usage
+from workers.backend import Choice, GenerationRequest, GenerationResult, StreamChunk, Usage
 from workers.errors import BackendError, FailureKind
 from workers.pricing import TokenPrice
 from workers.tokens import count_message_tokens, count_tokens
 
 #: litellm providers that speak OpenAI's protocol unchanged.
 OPENAI_COMPATIBLE = frozenset({"openai", "hosted_vllm", "openai_like", "custom_openai", "llamafile", "lm_studio"})
+
+
+def provider_of(litellm_model: str) -> str:
+    """The litellm provider of a model string ("openai" when it names none)."""
+    return litellm_model.split("/", 1)[0] if "/" in litellm_model else "openai"
+
+
+def speaks_openai(litellm_model: str) -> bool:
+    """Whether the model's provider speaks OpenAI's protocol unchanged (so a direct HTTP call can serve it)."""
+    return provider_of(litellm_model) in OPENAI_COMPATIBLE
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,11 +43,11 @@ class RemoteModel:
 
     @property
     def provider(self) -> str:
-        return self.litellm_model.split("/", 1)[0] if "/" in self.litellm_model else "openai"
+        return provider_of(self.litellm_model)
 
     @property
     def openai_compatible(self) -> bool:
-        return self.provider in OPENAI_COMPATIBLE
+        return speaks_openai(self.litellm_model)
 
     @property
     def upstream_model(self) -> str:
@@ -67,8 +79,34 @@ def complete_usage(usage: Usage | None, request: GenerationRequest, texts: list[
     )
 
 
-def choice_texts(choices: list[Choice]) -> list[str]:
-    return [c.text for c in choices]
+def priced_result(model: RemoteModel, request: GenerationRequest, choices: list[Choice], usage: Usage | None,
+                  started: float) -> GenerationResult:
+    """A provider's answer as a result: its usage (counted when the provider reported none), cost and latency."""
+    usage = complete_usage(usage, request, [c.text for c in choices])
+    return GenerationResult(model=model.name, choices=choices, usage=usage, latency_s=time.perf_counter() - started,
+                            cost_usd=model.price.cost(usage.prompt_tokens, usage.completion_tokens))
+
+
+class StreamTally:
+    """What a provider's stream has sent so far, for the closing chunk that carries usage and cost (counted
+    from the streamed text when the provider reported no usage)."""
+
+    def __init__(self, model: RemoteModel, request: GenerationRequest) -> None:
+        self._model = model
+        self._request = request
+        self._usage: Usage | None = None
+        self._texts: dict[int, list[str]] = {}
+
+    def add(self, chunks: list[StreamChunk], usage: Usage | None) -> list[StreamChunk]:
+        """Count one provider event's chunks (and its usage, if it carried any); returns the chunks."""
+        self._usage = usage or self._usage
+        for chunk in chunks:
+            self._texts.setdefault(chunk.index, []).append(chunk.text)
+        return chunks
+
+    def closing_chunk(self) -> StreamChunk:
+        usage = complete_usage(self._usage, self._request, ["".join(t) for t in self._texts.values()])
+        return StreamChunk(usage=usage, cost_usd=self._model.price.cost(usage.prompt_tokens, usage.completion_tokens))
 
 
 def request_body(model: RemoteModel, request: GenerationRequest, *, stream: bool) -> dict[str, Any]:

@@ -10,13 +10,13 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-_NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
-_NEGATION = re.compile(r"\b(?:not|no|never|without|nobody|nothing|neither|nor|none)\b|n't\b|\bcannot\b", re.I)
+NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
+NEGATION = re.compile(r"\b(?:not|no|never|without|nobody|nothing|neither|nor|none)\b|n't\b|\bcannot\b", re.I)
 
 
 def _signature(text: str) -> tuple[Counter[str], int]:
-    numbers = Counter(n.replace(",", "") for n in _NUMBER.findall(text))
-    return numbers, len(_NEGATION.findall(text))
+    numbers = Counter(n.replace(",", "") for n in NUMBER.findall(text))
+    return numbers, len(NEGATION.findall(text))
 
 
 def compatible(cached: str, new: str) -> bool:

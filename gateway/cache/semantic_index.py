@@ -14,14 +14,11 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
 from gateway.cache.vector_store import DIM, VectorStore, unit
-
-if TYPE_CHECKING:
-    from gateway.cache.semantic_redis import RedisSemanticIndex
 
 #: The cosine-only threshold (with `verifier: false`), chosen by `frugal cache calibrate` on the paraphrase
 #: pack with the annotator panel's labels. Cosine alone cannot reach the 1% false-hit target (no threshold
@@ -95,16 +92,3 @@ class MemorySemanticIndex:
 
     def __len__(self) -> int:
         return len(self._store)
-
-
-def __getattr__(name: str) -> Any:
-    """`RedisSemanticIndex` lives in its own module (it needs the redis client); import it lazily."""
-    if name == "RedisSemanticIndex":
-        from gateway.cache.semantic_redis import RedisSemanticIndex
-
-        return RedisSemanticIndex
-    raise AttributeError(name)
-
-
-__all__ = ["DEFAULT_SIMILARITY_THRESHOLD", "MemorySemanticIndex", "RedisSemanticIndex", "SemanticIndex",
-           "SemanticMatch", "entry_ident"]

@@ -31,11 +31,8 @@ def build_response_cache(config: CacheConfig) -> ResponseCache | None:
 
 def _semantic_layer(config: CacheConfig) -> SemanticLayer:
     from gateway.cache.embedder import Embedder  # noqa: PLC0415 (loads ONNX Runtime and the encoder)
-    from gateway.cache.semantic_index import (  # noqa: PLC0415
-        DEFAULT_SIMILARITY_THRESHOLD,
-        MemorySemanticIndex,
-        RedisSemanticIndex,
-    )
+    from gateway.cache.semantic_index import DEFAULT_SIMILARITY_THRESHOLD, MemorySemanticIndex  # noqa: PLC0415
+    from gateway.cache.semantic_redis import RedisSemanticIndex  # noqa: PLC0415 (the redis client)
 
     semantic = config.semantic
     index = (RedisSemanticIndex(config.redis_url, prefix=config.redis_prefix + "sem:", max_entries=semantic.max_entries)

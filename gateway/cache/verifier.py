@@ -7,8 +7,9 @@ different question word. The features below are cheap string statistics of the p
 gradient-boosted tree model weighs them. It is fitted on the fit part of QQP, with the verdicts of a blind
 annotator panel where they exist (docs/semantic-cache-audit.md), and on the fit parts of PAWS's word-swap
 pairs, so that it learns that the same words in another order can mean another question
-(`frugal cache calibrate --verifier-out`, docs/semantic-cache.md). The fitted trees ship as `verifier.json`
-beside this file and are evaluated here in plain Python: no scikit-learn at lookup time.
+(`frugal cache calibrate --verifier-out`; the fitting is `gateway.cache.calibration.verifier_fit`,
+docs/semantic-cache.md). The fitted trees ship as `verifier.json` beside this file and are evaluated here
+in plain Python: no scikit-learn at lookup time.
 """
 
 from __future__ import annotations
@@ -18,12 +19,9 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from gateway.cache.guard import _NEGATION, _NUMBER
-
-if TYPE_CHECKING:
-    import numpy as np
+from gateway.cache.guard import NEGATION, NUMBER
 
 #: Candidates below this cosine are never hits; the verifier only judges those at or above it.
 MIN_SIMILARITY = 0.85
@@ -31,10 +29,6 @@ MIN_SIMILARITY = 0.85
 #: part of QQP (the same value as `threshold` in verifier.json; a test keeps them equal).
 DEFAULT_VERIFIER_THRESHOLD = 0.9262467179689734
 MODEL_PATH = Path(__file__).with_name("verifier.json")
-#: The learner's settings (scikit-learn's HistGradientBoostingClassifier), chosen by the cross-validated
-#: false-hit floor on the fit part.
-TREES = {"max_iter": 60, "learning_rate": 0.1, "max_leaf_nodes": 7, "min_samples_leaf": 40}
-FOLDS = 5
 
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 _STOP = frozenset(
@@ -105,8 +99,8 @@ def features(cached_question: str, new_question: str, similarity: float) -> list
     sa, sb = set(wa), set(wb)
     ca, cb = sa - _STOP, sb - _STOP
     la, lb = len(cached_question.strip()), len(new_question.strip())
-    numbers_a = sorted(n.replace(",", "") for n in _NUMBER.findall(cached_question))
-    numbers_b = sorted(n.replace(",", "") for n in _NUMBER.findall(new_question))
+    numbers_a = sorted(n.replace(",", "") for n in NUMBER.findall(cached_question))
+    numbers_b = sorted(n.replace(",", "") for n in NUMBER.findall(new_question))
     return [
         similarity,
         _jaccard(sa, sb),
@@ -118,7 +112,7 @@ def features(cached_question: str, new_question: str, similarity: float) -> list
         math.log1p(len(ca - cb)),
         math.log1p(len(cb - ca)),
         float(numbers_a != numbers_b),
-        float(len(_NEGATION.findall(cached_question)) != len(_NEGATION.findall(new_question))),
+        float(len(NEGATION.findall(cached_question)) != len(NEGATION.findall(new_question))),
         float(_wh(wa) != _wh(wb)),
         float(wa == wb),
         float(len((sa ^ sb) & _SIGNIFICANT)),
@@ -164,35 +158,3 @@ def verify(cached_question: str, new_question: str, similarity: float) -> float:
     if similarity < MIN_SIMILARITY:
         return 0.0
     return probability(shipped_model(), features(cached_question, new_question, similarity))
-
-
-def fit(rows: np.ndarray, duplicate: np.ndarray, groups: np.ndarray, extra_rows: np.ndarray | None = None,
-        extra_duplicate: np.ndarray | None = None, folds: int = FOLDS) -> tuple[dict[str, Any], np.ndarray]:
-    """Fit the trees on `rows` (features of pairs at or above `MIN_SIMILARITY`) and `extra_rows` (pairs of
-    other sets, always in training). Returns the exported model and out-of-fold probabilities of `rows`
-    (folds by `groups`, so that no text is on both sides of a fold), from which the threshold is chosen
-    without scoring a pair with a model that saw it."""
-    import numpy as np
-    from sklearn.ensemble import HistGradientBoostingClassifier
-    from sklearn.model_selection import GroupKFold
-
-    extra_x = extra_rows if extra_rows is not None else np.zeros((0, rows.shape[1]))
-    extra_y = extra_duplicate if extra_duplicate is not None else np.zeros(0, dtype=bool)
-
-    def fitted(x: np.ndarray, y: np.ndarray) -> HistGradientBoostingClassifier:
-        return HistGradientBoostingClassifier(**TREES, random_state=0).fit(np.vstack([x, extra_x]),
-                                                                          np.concatenate([y, extra_y]))
-
-    out_of_fold = np.zeros(len(rows))
-    for train, test in GroupKFold(folds).split(rows, duplicate, groups):
-        out_of_fold[test] = fitted(rows[train], duplicate[train]).predict_proba(rows[test])[:, 1]
-    return export(fitted(rows, duplicate)), out_of_fold
-
-
-def export(model: Any) -> dict[str, Any]:
-    """A fitted HistGradientBoostingClassifier as plain numbers (binary, numeric features, no missing values)."""
-    trees = [[[int(n["feature_idx"]), float(n["num_threshold"]), int(n["left"]), int(n["right"]),
-               float(n["value"]), int(n["is_leaf"])] for n in predictors[0].nodes]
-             for predictors in model._predictors]
-    return {"features": list(FEATURES), "min_similarity": MIN_SIMILARITY, "learner": TREES,
-            "baseline": float(model._baseline_prediction.ravel()[0]), "trees": trees}

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from scorer.train import TrainedScorer
+from scorer.fit.train import TrainedScorer
 from scorer.vectors import input_size
 
 MANIFEST = "scorer.json"

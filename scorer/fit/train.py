@@ -27,9 +27,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from scorer.dataset import Grid
 from scorer.features import SIGNALS, FeatureSpec
-from scorer.vectors import Layout, after, first_tier_features, learner_input, normalized_answers
+from scorer.fit.dataset import Grid
+from scorer.fit.grid_features import after, first_tier_features, normalized_answers
+from scorer.vectors import Layout, learner_input
 
 Learner = Literal["logistic", "boosting"]
 LEARNERS: tuple[str, ...] = ("logistic", "boosting")
@@ -139,7 +140,7 @@ def fit_estimator(learner: Learner, x: np.ndarray, y: np.ndarray, groups: np.nda
 
 @dataclass
 class TrainedScorer:
-    """scikit-learn learners, ready to predict or to export (`scorer.export`)."""
+    """scikit-learn learners, ready to predict or to export (`scorer.fit.export`)."""
 
     config: TrainConfig
     models: tuple[str, ...]

@@ -8,9 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from router.cascade_file import CascadeFile, point_to_yaml
-from router.evaluation import AnswerScorer, best_single, evaluate_points, query_costs, replay, single_models
-from router.optimizer import CascadePoint
-from router.reference import (
+from router.fit.evaluation import AnswerScorer, best_single, evaluate_points, query_costs, replay, single_models
+from router.fit.reference import (
     ZELLINGER_MODELS,
     ReferencePoint,
     frugalgpt_points,
@@ -18,7 +17,8 @@ from router.reference import (
     upper_envelope,
     zellinger_points,
 )
-from scorer.dataset import Grid
+from router.tiers import CascadePoint
+from scorer.fit.dataset import Grid
 
 
 def accuracy_at(cost_usd: float, train_frontier: Sequence[CascadePoint],
@@ -88,7 +88,7 @@ def evaluate(grid: Grid, cascade: CascadeFile, scorer: AnswerScorer, split: str,
         report["frugalgpt_published_2024_models"] = [
             {"method": p.label, "cost_usd": p.cost_usd, "accuracy": p.accuracy} for p in frugal]
     if plot is not None:
-        from router.plot import plot_frontier  # noqa: PLC0415
+        from router.fit.plot import plot_frontier  # noqa: PLC0415
 
         plot_frontier(plot, f"{grid.name} ({split}, {len(part)} queries)", frontier, singles, chosen,
                       reference if "zellinger_continuous_optimization" in report else (),

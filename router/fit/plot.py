@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from router.optimizer import CascadePoint
-from router.reference import ReferencePoint
+from router.fit.reference import ReferencePoint
+from router.tiers import CascadePoint
 
 
 def plot_frontier(path: str | Path, title: str, frontier: Sequence[CascadePoint], singles: Sequence[CascadePoint],

@@ -8,14 +8,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from router.cascade_file import CascadeFile
-from router.evaluation import best_single, query_costs, single_models
-from router.optimizer import Order, choose, crossfit, pareto, search, second_tier_pairs, sequences
-from scorer.dataset import Grid
-from scorer.export import save
-from scorer.quality import quality
-from scorer.train import TrainConfig, fit
+from router.fit.evaluation import best_single, query_costs, single_models
+from router.fit.optimizer import Order, choose, crossfit, pareto, search, second_tier_pairs, sequences
+from scorer.fit.dataset import Grid
+from scorer.fit.export import save
+from scorer.fit.quality import quality
+from scorer.fit.train import TrainConfig, fit
 
 
 @dataclass(frozen=True)
@@ -70,3 +71,12 @@ def fit_cascade(grid: Grid, out: str | Path, options: FitOptions = FitOptions(),
 
 def mean_cost(grid: Grid, prices: dict[str, tuple[float, float]] | None) -> np.ndarray:
     return query_costs(grid, prices).mean(axis=0)
+
+
+def read_prices(path: Path) -> dict[str, tuple[float, float]]:
+    """A prices file, `model: [input, output]` in USD per million tokens; ValueError when it is not one."""
+    raw = yaml.safe_load(path.read_text())
+    try:
+        return {str(m): (float(p[0]), float(p[1])) for m, p in raw.items()}
+    except (AttributeError, TypeError, ValueError, IndexError) as exc:
+        raise ValueError(f"{path}: expected 'model: [input, output]' in USD per million tokens") from exc

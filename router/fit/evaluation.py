@@ -10,10 +10,10 @@ from typing import Protocol
 
 import numpy as np
 
-from router.optimizer import CascadePoint, Tier
-from scorer.dataset import Grid
+from router.tiers import CascadePoint, Tier
 from scorer.features import FeatureSpec
-from scorer.grid_scores import Predictor, score_grid
+from scorer.fit.dataset import Grid
+from scorer.fit.grid_scores import Predictor, score_grid
 
 
 class AnswerScorer(Predictor, Protocol):

@@ -27,9 +27,9 @@ from typing import Any
 
 import numpy as np
 
+from gateway.cache.calibration.verifier_fit import fit as fit_verifier
 from gateway.cache.guard import compatible
 from gateway.cache.verifier import FEATURES, MIN_SIMILARITY, features, probability
-from gateway.cache.verifier import fit as fit_verifier
 
 SOURCES = ("qqp", "paws_qqp", "paws_wiki", "mqp", "mrpc")
 MAIN = "qqp"
@@ -39,7 +39,7 @@ TARGET_FALSE_HIT_SHARE = 0.01
 MIN_HITS = 200
 #: Duplicates in the full QQP release (404,290 pairs); the pack's QQP partition is 50/50 by construction.
 NATURAL_QQP_DUPLICATE_SHARE = 0.369
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 #: The panel's verdicts on QQP pairs (docs/semantic-cache-audit.md).
 AUDIT_PATH = Path(__file__).with_name("qqp_audit.jsonl")
 

@@ -12,9 +12,9 @@ from typing import Protocol
 
 import numpy as np
 
-from scorer.dataset import Grid
 from scorer.features import FeatureSpec
-from scorer.vectors import after, first_tier_features, normalized_answers
+from scorer.fit.dataset import Grid
+from scorer.fit.grid_features import after, first_tier_features, normalized_answers
 
 
 class Predictor(Protocol):

@@ -13,38 +13,16 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
-from scorer.dataset import Grid
-from scorer.grid_scores import GridScores, score_grid
-from scorer.train import TrainConfig, fit
+from router.tiers import CascadePoint, Tier
+from scorer.fit.dataset import Grid
+from scorer.fit.grid_scores import GridScores, score_grid
+from scorer.fit.train import TrainConfig, fit
 
 Order = Literal["cost", "any"]
-
-
-@dataclass(frozen=True)
-class Tier:
-    model: str
-    #: Accept this tier's answer when its score >= threshold; None for the last tier (always accepted).
-    threshold: float | None = None
-
-
-@dataclass(frozen=True)
-class CascadePoint:
-    """A cascade and how it did on a set of queries."""
-
-    tiers: tuple[Tier, ...]
-    accuracy: float
-    cost_usd: float
-    #: Share of queries answered by each tier.
-    shares: tuple[float, ...]
-
-    @property
-    def models(self) -> tuple[str, ...]:
-        return tuple(t.model for t in self.tiers)
 
 
 def sequences(models: Sequence[str], mean_cost: np.ndarray, max_depth: int, order: Order) -> list[tuple[int, ...]]:

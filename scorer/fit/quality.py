@@ -1,12 +1,18 @@
 """How good a scorer's probabilities are, per model: AUROC (ranking), Brier score and expected calibration
-error (calibration), and the reliability table behind it."""
+error (calibration), the reliability table behind it, and the report of `frugal scorer eval`."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from scorer.fit.dataset import Grid
+from scorer.fit.grid_scores import score_grid
+
+if TYPE_CHECKING:
+    from scorer.runtime import OnnxScorer
 
 
 def auroc(scores: np.ndarray, labels: np.ndarray) -> float | None:
@@ -44,3 +50,18 @@ def quality(scores: np.ndarray, correct: np.ndarray, models: Sequence[str]) -> d
                       "accuracy": round(float(y.mean()), 4), "n": len(s),
                       "reliability": [{k: round(v, 4) for k, v in row.items()} for row in table]}
     return out
+
+
+def scorer_report(loaded: OnnxScorer, grid: Grid, split: str) -> dict[str, Any]:
+    """`frugal scorer eval`: the saved scorer's quality per model on a split (first-tier scoring), with the
+    AUROC of each model's own confidence over the answers that have one (what the scorer should match)."""
+    part = grid.split(split).with_models([m for m in grid.models if loaded.knows(m)])
+    scores = score_grid(loaded, loaded.spec, part)
+    report: dict[str, Any] = {"dataset": grid.name, "split": split, "queries": len(part),
+                              "models": quality(scores.first, part.correct, part.models)}
+    for j, model in enumerate(part.models):
+        has = ~np.isnan(part.confidence[:, j])
+        own = auroc(part.confidence[has, j], part.correct[has, j]) if has.sum() > 1 else None
+        report["models"][model]["confidence_auroc"] = None if own is None else round(own, 4)
+        report["models"][model]["with_confidence"] = int(has.sum())
+    return report

@@ -1,0 +1,45 @@
+"""`frugal serve`: run the gateway."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from gateway.cli.common import configure_logging
+
+
+def serve(
+    config: Annotated[Path | None, typer.Option(help="YAML config (default: $FRUGAL_CONFIG, else built-in)")] = None,
+    host: Annotated[str | None, typer.Option(help="Interface to listen on (default: server.host)")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default: server.port)")] = None,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",
+) -> None:
+    """Run the gateway."""
+    import uvicorn
+    from threadpoolctl import threadpool_limits
+
+    from gateway.app import create_app
+    from gateway.settings import ConfigError, load_config
+
+    configure_logging(log_level)
+    # numpy's BLAS (the semantic cache's similarity scans) on one thread: a second thread only competes
+    # with the event loop and the local engine, and doubles lookup latency when the other core is busy.
+    threadpool_limits(limits=1, user_api="blas")
+    try:
+        settings = load_config(config)
+        gateway = create_app(settings)
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    uvicorn.run(
+        gateway,
+        host=host or settings.server.host,
+        port=port if port is not None else settings.server.port,
+        log_level=log_level,
+        access_log=False,
+        loop="uvloop",
+        http="httptools",
+        timeout_graceful_shutdown=10,
+    )
