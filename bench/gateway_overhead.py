@@ -7,6 +7,11 @@ Latency: sequential keep-alive requests from this process. Throughput: wrk (apt 
 with the stand-in to the other core. Checks afterwards that the ledger holds a row for every request.
 
     .venv/bin/python bench/gateway_overhead.py [--requests N] [--duration S] [--connections C] [--json] [--record]
+        [--baseline PATH] [--rounds N]
+
+With `--baseline` (a checkout of an earlier commit, e.g. `git worktree add /tmp/before <commit>`), a second
+gateway runs that code with this environment's packages, and every gateway target is measured for both,
+back to back, alternating which goes first.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from sqlalchemy import create_engine, func, select
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import markdown_table, pinned, record  # noqa: E402
+from bench._common import REPO, markdown_table, pinned, record  # noqa: E402
 from gateway.ledger import requests_table  # noqa: E402
 from tests.harness import TINY_ROWS, free_port, write_dataset  # noqa: E402
 
@@ -45,9 +50,9 @@ wrk.body = '%s'
 """
 
 
-def start(command: list[str], url: str, log: Path) -> subprocess.Popen[bytes]:
+def start(command: list[str], url: str, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     process = subprocess.Popen(command, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-                               env={**os.environ, "FRUGAL_BENCH_KEY": KEY})
+                               env={**os.environ, "FRUGAL_BENCH_KEY": KEY, **(env or {})})
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -95,12 +100,24 @@ def summary(samples: list[float]) -> dict[str, float]:
             "mean_ms": statistics.fmean(samples) * 1000}
 
 
+LAUNCH = "import sys; from gateway.cli import main; sys.argv[0] = 'frugal'; main()"
+
+
+def start_gateway(tree: Path, config: Path, port: int, log_level: str, log: Path) -> subprocess.Popen[bytes]:
+    """A gateway run from the code in `tree` (this environment's packages), pinned to CPU 0."""
+    command = pinned([sys.executable, "-c", LAUNCH, "serve", "--config", str(config), "--port", str(port),
+                      "--log-level", log_level], 0)
+    return start(command, f"http://127.0.0.1:{port}/readyz", log, {"PYTHONPATH": str(tree)})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=2000, help="sequential requests per target")
     parser.add_argument("--duration", type=int, default=10, help="seconds of wrk load per target")
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--log-level", default="info", help="the gateway's (info, its default, logs every request)")
+    parser.add_argument("--baseline", type=Path, help="an earlier checkout, measured side by side (interleaved)")
+    parser.add_argument("--rounds", type=int, default=1, help="repeat every target; medians are reported")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--record", action="store_true", help="append the table to docs/BENCHMARKS.md")
     args = parser.parse_args()
@@ -110,60 +127,79 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="frugal-bench-"))
     data = write_dataset(tmp / "tiny.jsonl.gz", TINY_ROWS)
-    standin_port, gateway_port = free_port(), free_port()
+    standin_port = free_port()
     standin_url = f"http://127.0.0.1:{standin_port}"
-    config = {
-        "models": [
-            {"name": name, "backend": "openai/alpha", "api_base": f"{standin_url}/v1", "transport": transport,
-             "api_key_env": "FRUGAL_BENCH_KEY", "input_cost_per_token": 1e-6, "output_cost_per_token": 2e-6}
-            for name, transport in (("via-http", "http"), ("via-litellm", "litellm"))
-        ],
-        "auth": {"keys": [{"id": "bench", "key_env": "FRUGAL_BENCH_KEY"}]},
-        "ledger": {"url": f"sqlite:///{tmp / 'ledger.db'}", "spill_path": str(tmp / "spill.jsonl")},
-    }
-    (tmp / "gateway.yaml").write_text(yaml.safe_dump(config))
+    trees = {"this tree": REPO}
+    if args.baseline:
+        trees = {"baseline": args.baseline.resolve(), **trees}
     os.sched_setaffinity(0, {1} if (os.cpu_count() or 1) > 1 else {0})
     standin = start(pinned([str(BIN / "frugal"), "stand-in", "--data", str(data), "--port", str(standin_port)], 1),
                     standin_url + "/healthz", tmp / "standin.log")
-    gateway = start(pinned([str(BIN / "frugal"), "serve", "--config", str(tmp / "gateway.yaml"), "--port",
-                            str(gateway_port), "--log-level", args.log_level], 0),
-                    f"http://127.0.0.1:{gateway_port}/readyz", tmp / "gateway.log")
-    results: dict[str, dict[str, float]] = {}
-    sent = 0
+    gateways: dict[str, tuple[subprocess.Popen[bytes], int, str]] = {}
+    samples: dict[str, list[dict[str, float]]] = {}
+    sent = dict.fromkeys(trees, 0)
     try:
+        for label, tree in trees.items():
+            port = free_port()
+            ledger = f"sqlite:///{tmp / f'ledger-{port}.db'}"
+            config = {
+                "models": [
+                    {"name": name, "backend": "openai/alpha", "api_base": f"{standin_url}/v1",
+                     "transport": transport, "api_key_env": "FRUGAL_BENCH_KEY", "input_cost_per_token": 1e-6,
+                     "output_cost_per_token": 2e-6}
+                    for name, transport in (("via-http", "http"), ("via-litellm", "litellm"))
+                ],
+                "auth": {"keys": [{"id": "bench", "key_env": "FRUGAL_BENCH_KEY"}]},
+                "ledger": {"url": ledger, "spill_path": str(tmp / f"spill-{port}.jsonl")},
+            }
+            (tmp / f"gateway-{port}.yaml").write_text(yaml.safe_dump(config))
+            process = start_gateway(tree, tmp / f"gateway-{port}.yaml", port, args.log_level,
+                                    tmp / f"gateway-{port}.log")
+            gateways[label] = (process, port, ledger)
         auth = {"authorization": f"Bearer {KEY}"}
-        gateway_url = f"http://127.0.0.1:{gateway_port}/v1/chat/completions"
         # Without a temperature the requests are sampled, so the response cache lets them through
         # (`bypass`); the last target repeats a greedy request, answered by the exact cache.
         targets = [
-            ("stand-in direct (baseline)", f"{standin_url}/v1/chat/completions", dict(BODY, model="alpha")),
-            ("gateway, http transport", gateway_url, dict(BODY, model="via-http")),
-            ("gateway, litellm transport", gateway_url, dict(BODY, model="via-litellm")),
-            ("gateway, exact-cache hit", gateway_url, dict(BODY, model="via-http", temperature=0)),
+            ("gateway, http transport", dict(BODY, model="via-http")),
+            ("gateway, litellm transport", dict(BODY, model="via-litellm")),
+            ("gateway, exact-cache hit", dict(BODY, model="via-http", temperature=0)),
         ]
-        for name, url, body in targets:
-            results[name] = summary(latency(url, body, args.requests, auth))
-            if "gateway" in name:
-                sent += args.requests + max(50, args.requests // 10)
+
+        def measure(name: str, url: str, body: dict) -> dict[str, float]:
+            values = summary(latency(url, body, args.requests, auth))
             if has_wrk:
                 load = throughput(url, body, args.duration, args.connections, tmp)
-                results[name].update({f"wrk_{k}": v for k, v in load.items()})
-                if "gateway" in name:
-                    sent += int(load["requests"])
-        httpx.get(f"http://127.0.0.1:{gateway_port}/healthz")
+                values.update({f"wrk_{k}": v for k, v in load.items()})
+            samples.setdefault(name, []).append(values)
+            return values
+
+        labels = list(trees)
+        for round_ in range(args.rounds):
+            measure("stand-in direct (baseline)", f"{standin_url}/v1/chat/completions", dict(BODY, model="alpha"))
+            for target, body in targets:
+                for label in labels if round_ % 2 == 0 else labels[::-1]:
+                    name = target if len(trees) == 1 else f"{target} [{label}]"
+                    values = measure(name, f"http://127.0.0.1:{gateways[label][1]}/v1/chat/completions", body)
+                    sent[label] += args.requests + max(50, args.requests // 10) + int(values.get("wrk_requests", 0))
     finally:
-        gateway.terminate()
-        gateway.wait(30)
+        for process, port, _ in gateways.values():
+            httpx.get(f"http://127.0.0.1:{port}/healthz")
+            process.terminate()
+            process.wait(30)
         standin.terminate()
         standin.wait(30)
-    engine = create_engine(config["ledger"]["url"])
-    with engine.connect() as connection:
-        rows = connection.execute(select(func.count()).select_from(requests_table)).scalar()
+    rows = {}
+    for label, (_, _, ledger) in gateways.items():
+        engine = create_engine(ledger)
+        with engine.connect() as connection:
+            rows[label] = connection.execute(select(func.count()).select_from(requests_table)).scalar() or 0
+    results = {name: {key: statistics.median(s[key] for s in runs) for key in runs[0]}
+               for name, runs in samples.items()}
     base = results["stand-in direct (baseline)"]
     for values in results.values():
         values["added_p50_ms"] = values["p50_ms"] - base["p50_ms"]
         values["added_mean_ms"] = values["mean_ms"] - base["mean_ms"]
-    ledger_check = {"requests_answered": sent, "ledger_rows": rows}
+    ledger_check = {label: {"requests_answered": sent[label], "ledger_rows": rows[label]} for label in trees}
     if args.json:
         print(json.dumps({"results": results, "ledger": ledger_check}, indent=2))
     headers = ["target", "p50 ms", "p99 ms", "added p50 ms", "added mean ms", "req/s (1 core, wrk)",
@@ -173,8 +209,13 @@ def main() -> None:
                    f"{v.get('wrk_p50_ms', float('nan')):.2f}", int(v.get("wrk_non_2xx", 0))]
                   for name, v in results.items()]
     table = markdown_table(headers, table_rows)
-    note = (f"Ledger check: {rows} rows for {sent} answered gateway requests "
-            f"({'none lost' if rows >= sent else 'ROWS MISSING'}).")
+    note = "Ledger check: " + "; ".join(
+        f"{label}: {rows[label]} rows for {sent[label]} answered requests "
+        f"({'none lost' if rows[label] >= sent[label] else 'ROWS MISSING'})" for label in trees) + "."
+    if args.rounds > 1 or args.baseline:
+        note += (f" Medians of {args.rounds} rounds" + (f"; baseline = {args.baseline}, measured interleaved "
+                                                         "with this tree (alternating first)" if args.baseline
+                                                         else "") + ".")
     if not args.json:
         print(table)
         print(note)
