@@ -1,8 +1,9 @@
 """What the gateway adds to a request: latency at concurrency 1, and throughput on one core.
 
 Starts the stand-in provider and a gateway (pinned to CPU 0) as real processes, then measures the same
-request sent straight to the stand-in and through the gateway over each transport (direct HTTP, litellm),
-and a repeated greedy request that the gateway answers from its exact response cache.
+request sent straight to the stand-in and through the gateway over each transport (direct HTTP, litellm;
+over direct HTTP streamed too, against the stand-in's own stream), and a repeated greedy request that the
+gateway answers from its exact response cache.
 Latency: sequential keep-alive requests from this process. Throughput: wrk (apt package `wrk`), pinned
 with the stand-in to the other core. Checks afterwards that the ledger holds a row for every request.
 
@@ -161,6 +162,7 @@ def main() -> None:
         # (`bypass`); the last target repeats a greedy request, answered by the exact cache.
         targets = [
             ("gateway, http transport", dict(BODY, model="via-http")),
+            ("gateway, http transport, streamed", dict(BODY, model="via-http", stream=True)),
             ("gateway, litellm transport", dict(BODY, model="via-litellm")),
             ("gateway, exact-cache hit", dict(BODY, model="via-http", temperature=0)),
         ]
@@ -175,7 +177,9 @@ def main() -> None:
 
         labels = list(trees)
         for round_ in range(args.rounds):
-            measure("stand-in direct (baseline)", f"{standin_url}/v1/chat/completions", dict(BODY, model="alpha"))
+            direct = f"{standin_url}/v1/chat/completions"
+            measure("stand-in direct (baseline)", direct, dict(BODY, model="alpha"))
+            measure("stand-in direct, streamed (baseline)", direct, dict(BODY, model="alpha", stream=True))
             for target, body in targets:
                 for label in labels if round_ % 2 == 0 else labels[::-1]:
                     name = target if len(trees) == 1 else f"{target} [{label}]"
@@ -195,8 +199,8 @@ def main() -> None:
             rows[label] = connection.execute(select(func.count()).select_from(requests_table)).scalar() or 0
     results = {name: {key: statistics.median(s[key] for s in runs) for key in runs[0]}
                for name, runs in samples.items()}
-    base = results["stand-in direct (baseline)"]
-    for values in results.values():
+    for name, values in results.items():
+        base = results["stand-in direct, streamed (baseline)" if "streamed" in name else "stand-in direct (baseline)"]
         values["added_p50_ms"] = values["p50_ms"] - base["p50_ms"]
         values["added_mean_ms"] = values["mean_ms"] - base["mean_ms"]
     ledger_check = {label: {"requests_answered": sent[label], "ledger_rows": rows[label]} for label in trees}
