@@ -9,13 +9,13 @@ and priced into the decision trace. The gateway only iterates the chunks and clo
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 from router.trace import Attempt, DecisionTrace
 from workers.backend import Choice, GenerationRequest, GenerationResult, StreamChunk, TokenLogprob, Usage
 from workers.errors import BackendError
 from workers.pricing import TokenPrice
-from workers.remote import complete_usage
+from workers.tokens import complete_usage
 
 #: Outcome recorded for the partial answer of a stream the client abandoned.
 CLIENT_CLOSED = "client_closed"
@@ -45,7 +45,7 @@ class RouteStream:
         self._state = "open"  # then "finished", "failed" or "abandoned"
         self._answer = _StreamedAnswer()
         self._on_finish: list[Callable[[Usage], None]] = []
-        self._chunks: AsyncIterator[StreamChunk] | None = None
+        self._chunks: AsyncGenerator[StreamChunk, None] | None = None
 
     @classmethod
     def replay(cls, result: GenerationResult, *, trace: DecisionTrace, request: GenerationRequest,
@@ -86,7 +86,7 @@ class RouteStream:
             self._chunks = self._iterate()
         return self._chunks
 
-    async def _iterate(self) -> AsyncIterator[StreamChunk]:
+    async def _iterate(self) -> AsyncGenerator[StreamChunk, None]:
         chunk = self._first
         self._first = None
         try:
@@ -111,7 +111,7 @@ class RouteStream:
             self._state = "abandoned"
             self._bill_partial(CLIENT_CLOSED)
         if self._chunks is not None:
-            await self._chunks.aclose()  # type: ignore[attr-defined]
+            await self._chunks.aclose()
         await close_iterator(self._rest)
 
     def _bill_partial(self, outcome: str | None) -> None:

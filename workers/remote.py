@@ -10,7 +10,7 @@ from typing import Any
 from workers.backend import Choice, GenerationRequest, GenerationResult, StreamChunk, Usage
 from workers.errors import BackendError, FailureKind
 from workers.pricing import TokenPrice
-from workers.tokens import count_message_tokens, count_tokens
+from workers.tokens import complete_usage
 
 #: litellm providers that speak OpenAI's protocol unchanged.
 OPENAI_COMPATIBLE = frozenset({"openai", "hosted_vllm", "openai_like", "custom_openai", "llamafile", "lm_studio"})
@@ -60,23 +60,6 @@ def check_credentials(model: RemoteModel) -> None:
     if model.missing_key_env:
         raise BackendError(FailureKind.AUTH,
                            f"{model.name}: environment variable {model.missing_key_env} (its API key) is not set")
-
-
-def prompt_tokens_of(request: GenerationRequest) -> int:
-    if request.kind == "chat":
-        return count_message_tokens(request.messages)
-    return count_tokens(request.prompt)
-
-
-def complete_usage(usage: Usage | None, request: GenerationRequest, texts: list[str]) -> Usage:
-    """The provider's usage, or a tokenizer count when it reported none (so cost is never lost)."""
-    if usage is not None:
-        return usage
-    return Usage(
-        prompt_tokens=prompt_tokens_of(request),
-        completion_tokens=sum(count_tokens(t) for t in texts),
-        estimated=True,
-    )
 
 
 def priced_result(model: RemoteModel, request: GenerationRequest, choices: list[Choice], usage: Usage | None,

@@ -11,6 +11,8 @@ import functools
 import os
 from typing import Any
 
+from workers.backend import GenerationRequest, Usage
+
 
 @functools.cache
 def _encoding() -> Any:
@@ -63,3 +65,20 @@ def count_message_tokens(messages: list[dict[str, Any]]) -> int:
         if isinstance(message.get("name"), str):
             total += 1 + count_tokens(message["name"])
     return total
+
+
+def prompt_tokens_of(request: GenerationRequest) -> int:
+    if request.kind == "chat":
+        return count_message_tokens(request.messages)
+    return count_tokens(request.prompt)
+
+
+def complete_usage(usage: Usage | None, request: GenerationRequest, texts: list[str]) -> Usage:
+    """The provider's usage, or a tokenizer count when it reported none (so cost is never lost)."""
+    if usage is not None:
+        return usage
+    return Usage(
+        prompt_tokens=prompt_tokens_of(request),
+        completion_tokens=sum(count_tokens(t) for t in texts),
+        estimated=True,
+    )
