@@ -24,6 +24,7 @@ from gateway.ratelimit import RateLimiter
 from gateway.recorder import Recorder
 from gateway.routes import build_router
 from gateway.settings import FrugalConfig
+from workers import tokens
 from workers.backend import Backend
 
 log = logging.getLogger("frugal.gateway")
@@ -61,6 +62,9 @@ def create_app(config: FrugalConfig, *, backends: dict[str, Backend] | None = No
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await run_in_threadpool(ledger.start)
+        # The tokenizer that counts usage a provider did not report (a stream cut short): ~45 MB, loaded now
+        # so that memory does not jump at the first such request (docs/gateway.md).
+        await run_in_threadpool(tokens.load)
         if cache is not None and cache.semantic is not None:
             await run_in_threadpool(cache.semantic.embedder.load)  # fail at start, not on a first request
         log.info("frugal gateway ready: %d models, %d routes, ledger %s", len(config.models),

@@ -25,14 +25,22 @@ from gateway.recorder import Recorder, RequestRecord
 from gateway.requests import ParsedRequest, parse_request, read_json
 from gateway.responses import SSEWriter, completion_body
 from gateway.trace_headers import trace_headers
-from router.failures import RouteFailed, RouteUnavailable
+from router.failures import RouteFailed, RouteIncapable, RouteUnavailable
+from router.prompts import answer_each_prompt
 from router.route import Router
 from router.stream import RouteStream
 from router.trace import DecisionTrace
 from workers.backend import GenerationResult, RequestKind, StreamChunk
 from workers.errors import BackendError
+from workers.openai_format import as_deltas
 
 log = logging.getLogger("frugal.gateway")
+
+
+def _prompt_lengths(parsed: ParsedRequest) -> Callable[[int], int]:
+    """Completions: the length of the prompt that choice `index` answers (its `text_offset`s start there)."""
+    n = int(parsed.generation.params.get("n", 1))
+    return lambda index: len(parsed.prompts[min(index // n, len(parsed.prompts) - 1)])
 
 
 def _response_id(kind: RequestKind, record: RequestRecord) -> str:
@@ -108,12 +116,15 @@ class CompletionsEndpoint:
                 record.ttft_s = time.perf_counter() - record.started
                 handed_to_stream = True
                 return self._streaming_response(kind, parsed, stream, record, lookup)
-            result = await route.generate(generation, trace)
-            response = self._complete(kind, result, record)
+            if len(parsed.prompts) > 1:
+                result = await answer_each_prompt(route, generation, parsed.prompts, trace)
+            else:
+                result = await route.generate(generation, trace)
+            response = self._complete(kind, parsed, result, record)
             if lookup is not None:
                 await self._save(lookup, CachedResponse.from_result(result, record.cost_usd))
             return response
-        except (RouteFailed, RouteUnavailable) as failure:
+        except (RouteFailed, RouteUnavailable, RouteIncapable) as failure:
             error = error_for(failure)
             record.failed(error.status, error.code)
             return error.response(self._headers(record))
@@ -159,11 +170,14 @@ class CompletionsEndpoint:
             headers["x-frugal-cache-similarity"] = f"{lookup.similarity:.4f}"
         response_id = _response_id(kind, record)
         if not parsed.stream:
-            body = completion_body(kind, response_id, int(time.time()), entry.model, entry.choices, entry.usage)
+            body = completion_body(kind, response_id, int(time.time()), entry.model, entry.choices, entry.usage,
+                                   _prompt_lengths(parsed))
             return Response(body, media_type="application/json", headers=headers)
-        writer = SSEWriter(kind, response_id, int(time.time()), entry.model, parsed.include_usage)
+        writer = SSEWriter(kind, response_id, int(time.time()), entry.model, parsed.include_usage,
+                           len(parsed.generation.prompt))
         frames = [writer.role(len(entry.choices))] if kind == "chat" else []
-        frames += [writer.chunk(StreamChunk(c.index, c.text, c.finish_reason or "stop", c.logprobs))
+        frames += [writer.chunk(StreamChunk(c.index, c.text, c.finish_reason or "stop", c.logprobs,
+                                            tool_calls=as_deltas(c.tool_calls)))
                    for c in entry.choices]
         if writer.include_usage:
             frames.append(writer.usage(entry.usage))
@@ -172,18 +186,20 @@ class CompletionsEndpoint:
         return Response(b"".join(frames), media_type="text/event-stream",
                         headers={**headers, "cache-control": "no-cache"})
 
-    def _complete(self, kind: RequestKind, result: GenerationResult, record: RequestRecord) -> Response:
+    def _complete(self, kind: RequestKind, parsed: ParsedRequest, result: GenerationResult,
+                  record: RequestRecord) -> Response:
         assert record.trace is not None
         record.answered(result.usage, record.trace.cost_usd, result.text)
         headers = self._headers(record)
         headers["x-frugal-cost-usd"] = f"{record.cost_usd:.10f}"
-        content = completion_body(kind, _response_id(kind, record),
-                                  int(time.time()), result.model, result.choices, result.usage)
+        content = completion_body(kind, _response_id(kind, record), int(time.time()), result.model,
+                                  result.choices, result.usage, _prompt_lengths(parsed))
         return Response(content, media_type="application/json", headers=headers)
 
     def _streaming_response(self, kind: RequestKind, parsed: ParsedRequest, stream: RouteStream,
                             record: RequestRecord, lookup: CacheLookup | None) -> StreamingResponse:
-        writer = SSEWriter(kind, _response_id(kind, record), int(time.time()), stream.model, parsed.include_usage)
+        writer = SSEWriter(kind, _response_id(kind, record), int(time.time()), stream.model, parsed.include_usage,
+                           len(parsed.generation.prompt))
         n = int(parsed.generation.params.get("n", 1))
 
         async def settle() -> None:

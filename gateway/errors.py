@@ -12,7 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from router.failures import RouteFailed, RouteUnavailable
+from router.failures import RouteFailed, RouteIncapable, RouteUnavailable
 from workers.errors import BackendError, FailureKind
 
 log = logging.getLogger("frugal.gateway")
@@ -81,8 +81,17 @@ def rate_limited(message: str, retry_after_s: float) -> APIError:
     return APIError(429, message, type="rate_limit_error", code="rate_limit_exceeded", retry_after_s=retry_after_s)
 
 
-def error_for(failure: RouteFailed | RouteUnavailable | BackendError) -> APIError:
+#: What each capability a request may need is, in an error message.
+_NEEDS = {"tools": "tool calls", "images": "image inputs", "audio": "audio inputs", "files": "file inputs"}
+
+
+def error_for(failure: RouteFailed | RouteUnavailable | RouteIncapable | BackendError) -> APIError:
     """The client-facing error for a routing failure (or a stream's upstream failure)."""
+    if isinstance(failure, RouteIncapable):
+        missing = ", ".join(_NEEDS.get(n, n) for n in sorted(failure.missing))
+        return APIError(400, f"No model of '{failure.trace.route}' can take {missing}; use a route or model that "
+                             "declares them (models[].capabilities).",
+                        param="tools" if failure.missing == {"tools"} else "messages", code="unsupported_content")
     if isinstance(failure, RouteUnavailable):
         return APIError(503, str(failure), type="api_error", code="models_cooling_down",
                         retry_after_s=failure.retry_after_s)
@@ -118,7 +127,7 @@ def install_error_handlers(app: FastAPI) -> None:
                              code="method_not_allowed")
         else:
             error = APIError(exc.status_code, str(exc.detail))
-        return error.response()
+        return error.response(dict(exc.headers or {}))  # a 405 keeps its Allow header
 
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:
         return APIError(400, "Invalid request.", code="invalid_request").response()

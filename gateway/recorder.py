@@ -140,9 +140,9 @@ class Recorder:
             m.tokens.labels(trace.model, "output").inc(record.usage.completion_tokens)
             m.cost.labels(trace.model).inc(record.cost_usd)
         for attempt in trace.attempts:
-            if attempt.outcome not in ("ok", "skipped_cooldown"):
+            if attempt.called and attempt.outcome != "ok":
                 m.upstream_errors.labels(attempt.model, attempt.outcome).inc()
-        calls = [a.model for a in trace.attempts if a.outcome != "skipped_cooldown"]
+        calls = [a.model for a in trace.attempts if a.called]
         for position, name in enumerate(calls):
             if name in calls[:position]:
                 m.retries.labels(name).inc()

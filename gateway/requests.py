@@ -10,27 +10,29 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from starlette.requests import ClientDisconnect, Request
 
 from gateway.errors import APIError, bad_request, too_large
-from workers.backend import SAMPLING_PARAMS, GenerationRequest, RequestKind
+from workers.backend import FORWARDED_PARAMS, GenerationRequest, RequestKind
+from workers.tokens import decode_tokens
 
 #: OpenAI parameters that exist but that this gateway does not implement yet, with the reason.
 UNSUPPORTED: dict[str, str] = {
-    "tools": "tool calling is not supported by this gateway yet",
-    "tool_choice": "tool calling is not supported by this gateway yet",
-    "parallel_tool_calls": "tool calling is not supported by this gateway yet",
-    "functions": "function calling is not supported by this gateway (and deprecated by OpenAI)",
-    "function_call": "function calling is not supported by this gateway (and deprecated by OpenAI)",
     "audio": "audio output is not supported by this gateway",
     "modalities": "only text output is supported by this gateway",
     "prediction": "predicted outputs are not supported by this gateway",
     "web_search_options": "web search is not supported by this gateway",
-    "reasoning_effort": "reasoning_effort is not supported by this gateway yet",
     "store": "stored completions are not supported by this gateway",
     "metadata": "stored-completion metadata is not supported by this gateway",
     "service_tier": "service_tier is not supported by this gateway",
+    "moderation": "OpenAI's moderation of input and output is not run by this gateway",
     "echo": "echo is not supported by this gateway",
     "best_of": "best_of is not supported by this gateway",
     "suffix": "suffix is not supported by this gateway",
 }
+
+#: Bodies nested deeper than this are refused: every body is serialised again (cache keys, upstream
+#: requests), and serialisers have a recursion limit (orjson's is 255).
+MAX_JSON_DEPTH = 64
+#: Choices one request may ask for in all (`n` times the number of prompts).
+MAX_CHOICES = 128
 
 
 class _Body(BaseModel):
@@ -38,9 +40,19 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
-class TextPart(_Body):
+class _Part(_Body):
+    #: OpenAI's prompt-cache breakpoint marker; forwarded as sent.
+    prompt_cache_breakpoint: dict[str, Any] | None = None
+
+
+class TextPart(_Part):
     type: Literal["text"]
     text: str
+
+
+class RefusalPart(_Part):
+    type: Literal["refusal"]
+    refusal: str
 
 
 class ImageURL(_Body):
@@ -48,29 +60,121 @@ class ImageURL(_Body):
     detail: Literal["auto", "low", "high"] | None = None
 
 
-class ImagePart(_Body):
+class ImagePart(_Part):
     type: Literal["image_url"]
     image_url: ImageURL
 
 
-ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+class InputAudio(_Body):
+    data: str = Field(min_length=1)
+    format: Literal["wav", "mp3"]
 
 
-class Message(_Body):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart] | None = None
+class AudioPart(_Part):
+    type: Literal["input_audio"]
+    input_audio: InputAudio
+
+
+class FileRef(_Body):
+    filename: str | None = None
+    file_data: str | None = None
+    file_id: str | None = None
+
+
+class FilePart(_Part):
+    type: Literal["file"]
+    file: FileRef
+
+
+UserPart = Annotated[TextPart | ImagePart | AudioPart | FilePart, Field(discriminator="type")]
+AssistantPart = Annotated[TextPart | RefusalPart, Field(discriminator="type")]
+#: What a content part needs of a model (parts not named here are text).
+PART_NEEDS = {"image_url": "images", "input_audio": "audio", "file": "files"}
+
+
+class FunctionCall(_Body):
+    name: str = Field(min_length=1)
+    arguments: str
+
+
+class ToolCall(_Body):
+    id: str = Field(min_length=1)
+    type: Literal["function"]
+    function: FunctionCall
+
+
+class CustomToolCall(_Body):
+    id: str = Field(min_length=1)
+    type: Literal["custom"]
+    custom: dict[str, Any]
+
+
+class _Message(_Body):
     name: str | None = Field(default=None, max_length=64)
-    refusal: str | None = None
 
-    @model_validator(mode="after")
-    def _has_content(self) -> Message:
-        if self.content is None and self.role != "assistant":
-            raise ValueError(f"a {self.role} message needs content")
-        return self
+
+class SystemMessage(_Message):
+    role: Literal["system", "developer"]
+    content: str | list[TextPart]
+
+
+class UserMessage(_Message):
+    role: Literal["user"]
+    content: str | list[UserPart]
+
+
+class AssistantMessage(_Message):
+    role: Literal["assistant"]
+    content: str | list[AssistantPart] | None = None
+    refusal: str | None = None
+    tool_calls: list[Annotated[ToolCall | CustomToolCall, Field(discriminator="type")]] | None = None
+    function_call: FunctionCall | None = None
+    audio: dict[str, Any] | None = None
+    #: Output-only (a response's URL citations), sent back by clients that append the response's message to
+    #: the conversation as it came: accepted, and not forwarded.
+    annotations: list[Any] | None = None
+
+
+class ToolMessage(_Body):
+    role: Literal["tool"]
+    content: str | list[TextPart]
+    tool_call_id: str = Field(min_length=1)
+
+
+class FunctionMessage(_Body):
+    role: Literal["function"]
+    content: str | None
+    name: str = Field(min_length=1, max_length=64)
+
+
+MESSAGE_ROLES: dict[str, type[_Body]] = {"system": SystemMessage, "developer": SystemMessage, "user": UserMessage,
+                                         "assistant": AssistantMessage, "tool": ToolMessage,
+                                         "function": FunctionMessage}
+
+_FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"
+
+
+class FunctionDefinition(_Body):
+    name: str = Field(pattern=_FUNCTION_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class FunctionTool(_Body):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class CustomTool(_Body):
+    type: Literal["custom"]
+    custom: dict[str, Any]
 
 
 class StreamOptions(_Body):
     include_usage: bool = False
+    #: Accepted; Frugal's streams carry no obfuscation padding (docs/gateway.md).
+    include_obfuscation: bool | None = None
 
 
 class JSONSchemaFormat(_Body):
@@ -99,7 +203,7 @@ class _Common(_Body):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     stop: str | list[str] | None = None
     seed: int | None = None
-    n: int = Field(default=1, ge=1, le=128)
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
     user: str | None = Field(default=None, max_length=256)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
@@ -117,40 +221,138 @@ class _Common(_Body):
 
 
 class ChatCompletionBody(_Common):
-    messages: list[Message] = Field(min_length=1)
+    messages: list[dict[str, Any]] = Field(min_length=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     response_format: ResponseFormat | None = None
+    tools: list[Annotated[FunctionTool | CustomTool, Field(discriminator="type")]] | None = Field(
+        default=None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list[FunctionDefinition] | None = Field(default=None, max_length=128)
+    function_call: Literal["none", "auto"] | dict[str, Any] | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None
+    safety_identifier: str | None = Field(default=None, max_length=64)
+    prompt_cache_key: str | None = Field(default=None, max_length=1024)
+    prompt_cache_retention: Literal["in_memory", "24h"] | None = None
+    prompt_cache_options: dict[str, Any] | None = None
 
     def cross_checks(self) -> None:
         super().cross_checks()
         if self.top_logprobs is not None and not self.logprobs:
             raise bad_request("'top_logprobs' requires 'logprobs' to be true.", param="top_logprobs",
                               code="invalid_value")
+        if self.tool_choice not in (None, "none") and not self.tools:
+            raise bad_request("'tool_choice' is only allowed when 'tools' are specified.", param="tool_choice",
+                              code="invalid_value")
+        if self.parallel_tool_calls is not None and not self.tools:
+            raise bad_request("'parallel_tool_calls' is only allowed when 'tools' are specified.",
+                              param="parallel_tool_calls", code="invalid_value")
+        for index, message in enumerate(self.messages):
+            _check_message(index, _as_sent_back(message) if isinstance(message, dict) else message)
 
 
 class CompletionBody(_Common):
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = Field(default=None, ge=0, le=5)
 
     def cross_checks(self) -> None:
         super().cross_checks()
-        if isinstance(self.prompt, list) and len(self.prompt) != 1:
-            raise bad_request("Invalid value for 'prompt': this gateway takes one prompt per request.",
-                              param="prompt", code="invalid_value")
+        if isinstance(self.prompt, list) and (not self.prompt or any(p == [] for p in self.prompt)):
+            raise bad_request("Invalid value for 'prompt': a prompt list (and every token list in it) needs at "
+                              "least one item.", param="prompt", code="invalid_value")
+
+
+def _as_sent_back(message: dict[str, Any]) -> dict[str, Any]:
+    """An assistant message without what only responses carry (clients append a response's message to the
+    conversation as they got it): its annotations, and a stream `index` in its tool calls."""
+    if message.get("role") != "assistant":
+        return message
+    calls = message.get("tool_calls")
+    if "annotations" not in message and not (isinstance(calls, list)
+                                             and any(isinstance(c, dict) and "index" in c for c in calls)):
+        return message
+    message = {k: v for k, v in message.items() if k != "annotations"}
+    if isinstance(calls, list):
+        message["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} if isinstance(c, dict) else c
+                                 for c in calls]
+    return message
+
+
+def _check_message(index: int, message: Any) -> None:
+    """One chat message against its role's shape; the 400 names the message and field."""
+    where = f"messages[{index}]"
+    if not isinstance(message, dict):
+        raise bad_request(f"Invalid value for '{where}': a message must be an object.", param=where,
+                          code="invalid_value")
+    role = message.get("role")
+    shape = MESSAGE_ROLES.get(role) if isinstance(role, str) else None
+    if shape is None:
+        raise bad_request(f"Invalid value for '{where}.role': expected one of {', '.join(MESSAGE_ROLES)}.",
+                          param=f"{where}.role", code="invalid_value")
+    try:
+        shape.model_validate(message)
+    except ValidationError as exc:
+        raise _validation_error(exc, prefix=where) from exc
+    if role == "assistant" and message.get("content") is None and not message.get("tool_calls") \
+            and not message.get("function_call"):
+        raise bad_request(f"Invalid value for '{where}.content': an assistant message needs content unless it "
+                          "has tool_calls.", param=f"{where}.content", code="invalid_value")
+
+
+def needs_of(body: dict[str, Any]) -> frozenset[str]:
+    """What a chat body needs of a model beyond text: tools (tool definitions, or a conversation with tool
+    calls or results in it), images, audio, files (content parts of those types)."""
+    needs = set()
+    if body.get("tools") or body.get("functions"):
+        needs.add("tools")
+    for message in body.get("messages") or ():
+        if message.get("role") in ("tool", "function") or message.get("tool_calls") or message.get("function_call"):
+            needs.add("tools")
+        content = message.get("content")
+        if isinstance(content, list):
+            needs.update(PART_NEEDS[p["type"]] for p in content if p.get("type") in PART_NEEDS)
+    return frozenset(needs)
 
 
 def _param_path(loc: tuple[Any, ...]) -> str:
     """pydantic's location as OpenAI spells a param: messages[0].content."""
     out = ""
+    after_index = False
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("str", "list[...]", "function-after[_has_content()]") or "[" in str(part):
+            after_index = True
+            continue
+        label = str(part)
+        tag = after_index and label in _UNION_LABELS  # a tagged union's branch, right after a list index
+        after_index = False
+        if tag or label in ("str", "list[...]", "int", "function-after[_has_content()]") or "[" in label:
             continue  # union-branch labels, not part of the client's field path
-        else:
-            out += ("." if out else "") + str(part)
+        out += ("." if out else "") + label
     return out
+
+
+#: Labels pydantic puts in an error's location for the branch of a union (tagged unions use the tag).
+_UNION_LABELS = frozenset({"text", "refusal", "image_url", "input_audio", "file", "function", "custom", "dict"})
+
+
+def json_depth(value: Any) -> int:
+    """How deeply objects and arrays nest in a parsed JSON value (a scalar is 0 deep)."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return deepest
 
 
 async def read_json(request: Request, max_bytes: int) -> dict[str, Any]:
@@ -182,6 +384,9 @@ async def read_json(request: Request, max_bytes: int) -> dict[str, Any]:
         raise bad_request(f"We could not parse the JSON body of your request: {exc}", code="invalid_json") from exc
     if not isinstance(body, dict):
         raise bad_request("The request body must be a JSON object.", code="invalid_json")
+    if json_depth(body) > MAX_JSON_DEPTH:
+        raise bad_request(f"The JSON body nests objects or arrays more than {MAX_JSON_DEPTH} levels deep.",
+                          code="invalid_json")
     return body
 
 
@@ -192,53 +397,97 @@ def _refuse_unsupported(body: dict[str, Any]) -> None:
                               code="unsupported_parameter")
 
 
-def _validate(model: type[_Common], body: dict[str, Any]) -> _Common:
+def _validation_error(exc: ValidationError, prefix: str = "") -> APIError:
+    """The 400 for a pydantic error: of its errors the most specific (the deepest location), so that a
+    list of parts is blamed on the part that is wrong, not on not being a string."""
+    errors = exc.errors()
+    error = max(errors, key=lambda e: len(_param_path(e["loc"])))
+    param = _param_path(error["loc"])
+    if error["type"] == "string_type" and any(e["type"] == "list_type" and _param_path(e["loc"]) == param
+                                               for e in errors):
+        where = (prefix + "." + param) if prefix else param
+        items = "content parts" if where.endswith("content") else "strings"
+        return bad_request(f"Invalid value for '{where}': expected a string or an array of {items}.", param=where,
+                           code="invalid_value")
+    if prefix:
+        param = prefix + ("." + param if param and not param.startswith("[") else param)
+    if error["type"] == "extra_forbidden":
+        return bad_request(f"Unrecognized request argument supplied: {param}", param=param, code="unknown_parameter")
+    if error["type"] == "missing":
+        return bad_request(f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
+    message = error["msg"].removeprefix("Value error, ")
+    where = f"'{param}'" if param else "the request"
+    return bad_request(f"Invalid value for {where}: {message}.", param=param or None, code="invalid_value")
+
+
+#: Every parameter OpenAI defines for each endpoint: an explicit null for one of them means "absent", as
+#: at OpenAI.
+KNOWN_PARAMS = {"chat": frozenset(ChatCompletionBody.model_fields) | frozenset(UNSUPPORTED),
+                "completion": frozenset(CompletionBody.model_fields) | frozenset(UNSUPPORTED)}
+
+
+def _validate(kind: RequestKind, body: dict[str, Any]) -> _Common:
     _refuse_unsupported(body)
+    model = ChatCompletionBody if kind == "chat" else CompletionBody
     try:
         return model.model_validate(body)
     except ValidationError as exc:
-        error = exc.errors()[0]
-        param = _param_path(error["loc"])
-        if error["type"] == "extra_forbidden":
-            raise bad_request(f"Unrecognized request argument supplied: {param}", param=param,
-                              code="unknown_parameter") from exc
-        if error["type"] == "missing":
-            raise bad_request(f"Missing required parameter: '{param}'.", param=param,
-                              code="missing_required_parameter") from exc
-        message = error["msg"].removeprefix("Value error, ")
-        where = f"'{param}'" if param else "the request"
-        raise bad_request(f"Invalid value for {where}: {message}.", param=param or None,
-                          code="invalid_value") from exc
+        raise _validation_error(exc) from exc
 
 
 class ParsedRequest:
     """A validated request: what to generate, and the few things the gateway itself needs."""
 
-    __slots__ = ("model", "stream", "include_usage", "generation", "user")
+    __slots__ = ("model", "stream", "include_usage", "generation", "user", "prompts")
 
     def __init__(self, model: str, stream: bool, include_usage: bool, generation: GenerationRequest,
-                 user: str | None) -> None:
+                 user: str | None, prompts: list[str] | None = None) -> None:
         self.model = model
         self.stream = stream
         self.include_usage = include_usage
         self.generation = generation
         self.user = user
+        #: Completions: every prompt of the request (`generation.prompt` is the first).
+        self.prompts = prompts or [generation.prompt]
+
+
+def _prompts(prompt: str | list[Any]) -> list[str]:
+    """A completion's prompts as text: a string, a list of strings, or token ids (one list, or a list of
+    lists) in cl100k_base, the encoding of OpenAI's completion models."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if all(isinstance(p, str) for p in prompt):
+        return list(prompt)
+    token_lists = [prompt] if all(isinstance(t, int) for t in prompt) else prompt
+    try:
+        return [decode_tokens(ids) for ids in token_lists]
+    except ValueError as exc:
+        raise bad_request(f"Invalid value for 'prompt': {exc}.", param="prompt", code="invalid_value") from exc
 
 
 def parse_request(kind: RequestKind, body: dict[str, Any]) -> ParsedRequest:
     """Validate an OpenAI chat or completion body (raises `APIError` 400)."""
-    schema = ChatCompletionBody if kind == "chat" else CompletionBody
-    parsed = _validate(schema, body)
+    known = KNOWN_PARAMS[kind]
+    body = {name: value for name, value in body.items() if value is not None or name not in known}
+    parsed = _validate(kind, body)
     parsed.cross_checks()
-    params = {name: body[name] for name in SAMPLING_PARAMS if body.get(name) is not None}
+    params = {name: body[name] for name in FORWARDED_PARAMS if body.get(name) is not None}
     if params.get("n") == 1:
         del params["n"]
     generation = GenerationRequest(kind=kind, params=params)
+    prompts = None
     if kind == "chat":
-        generation.messages = body["messages"]
+        generation.messages = [_as_sent_back(m) for m in body["messages"]]
+        generation.needs = needs_of(body)
     else:
-        prompt = body["prompt"]
-        generation.prompt = prompt[0] if isinstance(prompt, list) else prompt
+        prompts = _prompts(body["prompt"])
+        generation.prompt = prompts[0]
+        if parsed.n * len(prompts) > MAX_CHOICES:
+            raise bad_request(f"Invalid value for 'prompt': at most {MAX_CHOICES} choices in all (n times the "
+                              "number of prompts).", param="prompt", code="invalid_value")
+        if len(prompts) > 1 and parsed.stream:
+            raise bad_request("Streaming several prompts in one request is not supported by this gateway; send "
+                              "one request per prompt.", param="prompt", code="unsupported_value")
     stream = bool(parsed.stream)
     include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
-    return ParsedRequest(parsed.model, stream, include_usage, generation, parsed.user)
+    return ParsedRequest(parsed.model, stream, include_usage, generation, parsed.user, prompts)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -14,7 +16,9 @@ def json_response(body: object, status: int = 200) -> Response:
     return Response(orjson.dumps(body), status_code=status, media_type="application/json")
 
 
-def logprobs_json(kind: RequestKind, logprobs: list[TokenLogprob] | None) -> Any:
+def logprobs_json(kind: RequestKind, logprobs: list[TokenLogprob] | None, text_start: int = 0) -> Any:
+    """Log-probs in the endpoint's shape; for completions `text_offset` counts characters from the start of
+    the prompt (`text_start`: where this piece of the answer begins), as OpenAI's does."""
     if logprobs is None:
         return None
     if kind == "chat":
@@ -32,11 +36,15 @@ def logprobs_json(kind: RequestKind, logprobs: list[TokenLogprob] | None) -> Any
             ],
             "refusal": None,
         }
+    offsets = []
+    for lp in logprobs:
+        offsets.append(text_start)
+        text_start += len(lp.token)
     return {
         "tokens": [lp.token for lp in logprobs],
         "token_logprobs": [lp.logprob for lp in logprobs],
         "top_logprobs": [{t.token: t.logprob for t in lp.top} for lp in logprobs],
-        "text_offset": [],
+        "text_offset": offsets,
     }
 
 
@@ -48,42 +56,52 @@ def usage_json(usage: Usage) -> dict[str, int]:
     }
 
 
-def _choice_json(kind: RequestKind, choice: Choice) -> dict[str, Any]:
+def _choice_json(kind: RequestKind, choice: Choice, text_start: int) -> dict[str, Any]:
     body: dict[str, Any] = {"index": choice.index}
     if kind == "chat":
-        body["message"] = {"role": "assistant", "content": choice.text, "refusal": None}
+        message: dict[str, Any] = {"role": "assistant", "content": choice.text, "refusal": None}
+        if choice.tool_calls:
+            message["tool_calls"] = choice.tool_calls
+            message["content"] = choice.text or None
+        body["message"] = message
     else:
         body["text"] = choice.text
-    body["logprobs"] = logprobs_json(kind, choice.logprobs)
-    body["finish_reason"] = choice.finish_reason or "stop"
+    body["logprobs"] = logprobs_json(kind, choice.logprobs, text_start)
+    body["finish_reason"] = choice.finish_reason or ("tool_calls" if choice.tool_calls else "stop")
     return body
 
 
 def completion_body(kind: RequestKind, response_id: str, created: int, model: str, choices: list[Choice],
-                    usage: Usage) -> bytes:
+                    usage: Usage, text_start: Callable[[int], int] = lambda index: 0) -> bytes:
+    """A whole response. `text_start(choice index)`: the length of the prompt the choice answers
+    (completions' `text_offset`)."""
     return orjson.dumps({
         "id": response_id,
         "object": "chat.completion" if kind == "chat" else "text_completion",
         "created": created,
         "model": model,
-        "choices": [_choice_json(kind, c) for c in choices],
+        "choices": [_choice_json(kind, c, text_start(c.index)) for c in choices],
         "usage": usage_json(usage),
-        "system_fingerprint": None,
     })
 
 
 class SSEWriter:
     """Frames for one streamed response."""
 
-    __slots__ = ("kind", "response_id", "created", "model", "include_usage", "_object")
+    __slots__ = ("kind", "response_id", "created", "model", "include_usage", "_object", "_text_at")
 
-    def __init__(self, kind: RequestKind, response_id: str, created: int, model: str, include_usage: bool):
+    def __init__(self, kind: RequestKind, response_id: str, created: int, model: str, include_usage: bool,
+                 prompt_chars: int = 0):
         self.kind = kind
         self.response_id = response_id
         self.created = created
         self.model = model
         self.include_usage = include_usage
         self._object = "chat.completion.chunk" if kind == "chat" else "text_completion"
+        #: Completions: where each choice's text has got to, counted from the start of the prompt.
+        self._text_at: dict[int, int] = {}
+        if kind == "completion":
+            self._text_at = defaultdict(lambda: prompt_chars)
 
     def _frame(self, choices: list[dict[str, Any]], usage: Usage | None = None) -> bytes:
         body: dict[str, Any] = {
@@ -107,10 +125,16 @@ class SSEWriter:
     def chunk(self, chunk: StreamChunk) -> bytes:
         choice: dict[str, Any] = {"index": chunk.index}
         if self.kind == "chat":
-            choice["delta"] = {"content": chunk.text} if chunk.text else {}
+            delta: dict[str, Any] = {"content": chunk.text} if chunk.text else {}
+            if chunk.tool_calls:
+                delta["tool_calls"] = chunk.tool_calls
+            choice["delta"] = delta
+            choice["logprobs"] = logprobs_json(self.kind, chunk.logprobs)
         else:
             choice["text"] = chunk.text
-        choice["logprobs"] = logprobs_json(self.kind, chunk.logprobs)
+            start = self._text_at[chunk.index]
+            choice["logprobs"] = logprobs_json(self.kind, chunk.logprobs, start)
+            self._text_at[chunk.index] = start + len(chunk.text)
         choice["finish_reason"] = chunk.finish_reason
         return self._frame([choice])
 

@@ -76,6 +76,7 @@ def build_pool(config: FrugalConfig, backends: dict[str, Backend]) -> ModelPool:
         retry=RetryPolicy(config.retry.backoff_base_s, config.retry.backoff_max_s),
         cooldown=Cooldown(config.cooldown.failures, config.cooldown.window_s, config.cooldown.cooldown_s),
         compression=build_compression(config),
+        capabilities={m.name: m.capability_set for m in config.models},
     )
 
 

@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from workers.backend import CAPABILITIES
 from workers.pricing import TokenPrice
 
 
@@ -112,10 +113,27 @@ class ModelConfig(_Strict):
     serving: LocalServingConfig = Field(default_factory=LocalServingConfig)
     #: Compress prompts before this model (unless the route calling it has a policy of its own).
     compression: CompressionConfig | None = None
+    #: What the model takes beyond text: tools (tool definitions, calls and results), images, audio, files.
+    #: Default: all of them for remote models (the provider decides; one that cannot answers 400), none for
+    #: local models. Routes skip a model for a request that needs what it does not declare.
+    capabilities: list[Literal["tools", "images", "audio", "files"]] | None = None
 
     @property
     def is_local(self) -> bool:
         return self.backend.startswith("local/")
+
+    @model_validator(mode="after")
+    def _local_capabilities(self) -> ModelConfig:
+        if self.is_local and self.capabilities:
+            raise ValueError("local models take text only for now: tools, images, audio and files go to remote "
+                             "models (remove capabilities)")
+        return self
+
+    @property
+    def capability_set(self) -> frozenset[str]:
+        if self.capabilities is not None:
+            return frozenset(self.capabilities)
+        return frozenset() if self.is_local else frozenset(CAPABILITIES)
 
     @property
     def price(self) -> TokenPrice:
@@ -232,6 +250,12 @@ class LimitsConfig(_Strict):
     max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
     #: Default per-key request rate; None = unlimited.
     requests_per_minute: int | None = Field(default=None, gt=0)
+    #: Seconds a client has to send a request's headers (from the first byte, or from connecting); then 408.
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    #: Seconds a client has to send a request's body once its headers arrived; then 408.
+    body_timeout_s: float = Field(default=60.0, gt=0)
+    #: Open connections at most; one more is answered 503 and closed.
+    max_connections: int = Field(default=2048, ge=1)
 
 
 class RetryConfig(_Strict):

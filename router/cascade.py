@@ -16,12 +16,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from typing import Protocol, TypeVar
 
-from router.failures import RouteFailed, RouteUnavailable
+from router.failures import RouteFailed, RouteIncapable, RouteUnavailable
 from router.pool import ModelPool
 from router.stream import RouteStream
 from router.tiers import Tier
 from router.trace import DecisionTrace, TierDecision
 from workers.backend import GenerationRequest, GenerationResult, Usage
+from workers.errors import BackendError, FailureKind
 from workers.openai_format import content_text
 
 
@@ -92,6 +93,9 @@ class CascadeRoute:
         best: _Best | None = None
         for tier in self.tiers[:-1]:
             wants = self.scorer.uses_confidence(tier.model) and not asked_logprobs
+            if not self._pool.can_take(tier.model, request):
+                trace.tiers.append(TierDecision(tier.model, "skipped", threshold=tier.threshold, reason="capability"))
+                continue
             try:
                 result = await self._pool.generate([tier.model], _with_logprobs(request) if wants else request,
                                                    trace)
@@ -143,9 +147,15 @@ class CascadeRoute:
         last = self.tiers[-1]
         try:
             out = await call([last.model])
-        except (RouteFailed, RouteUnavailable):
-            trace.tiers.append(TierDecision(last.model, "failed"))
+        except (RouteFailed, RouteUnavailable, RouteIncapable) as failure:
+            skipped = isinstance(failure, RouteIncapable)
+            trace.tiers.append(TierDecision(last.model, "skipped" if skipped else "failed",
+                                            reason="capability" if skipped else None))
             if best is None:
+                if skipped and any(t.outcome == "failed" for t in trace.tiers):
+                    # some tier could take the request but failed: that, not the request, is the problem
+                    raise RouteFailed(trace, [BackendError(FailureKind.UNKNOWN, f"{last.model}: cannot take this "
+                                                           "request and every earlier tier failed")]) from failure
                 raise
             best[2].outcome = "fallback_accepted"
             trace.model = best[2].model

@@ -1,5 +1,6 @@
-"""How a route fails as a whole: every model failed (or the request was refused upstream as invalid), or
-every model is in cooldown. The gateway turns these into the client's error."""
+"""How a route fails as a whole: every model failed (or the request was refused upstream as invalid), every
+model is in cooldown, or no model can take what the request needs. The gateway turns these into the
+client's error."""
 
 from __future__ import annotations
 
@@ -40,3 +41,13 @@ class RouteUnavailable(Exception):
         super().__init__(f"all models of {trace.route!r} are cooling down after repeated failures")
         self.trace = trace
         self.retry_after_s = retry_after_s
+
+
+class RouteIncapable(Exception):
+    """No model of the route can take the request: it needs what none of them declares (tools, images,
+    audio, files). The request is the problem, not the models: a 400."""
+
+    def __init__(self, trace: DecisionTrace, missing: frozenset[str]) -> None:
+        super().__init__(f"no model of {trace.route!r} can take a request with {', '.join(sorted(missing))}")
+        self.trace = trace
+        self.missing = missing

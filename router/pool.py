@@ -16,7 +16,7 @@ from typing import TypeVar
 
 from router.compression import CompressionOutcome, CompressionRules, trace_record
 from router.cooldown import Cooldown
-from router.failures import RouteFailed, RouteUnavailable
+from router.failures import RouteFailed, RouteIncapable, RouteUnavailable
 from router.stream import RouteStream, close_iterator
 from router.trace import Attempt, DecisionTrace
 from workers.backend import Backend, GenerationRequest, GenerationResult, StreamChunk
@@ -52,8 +52,11 @@ class ModelPool:
         cooldown: Cooldown,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         compression: CompressionRules | None = None,
+        capabilities: dict[str, frozenset[str]] | None = None,
     ) -> None:
         self.backends = backends
+        #: What each model can take beyond text; a model not named here is assumed to take anything.
+        self.capabilities = capabilities or {}
         self.max_retries = max_retries
         self.timeouts = timeouts
         self.retry = retry
@@ -83,15 +86,28 @@ class ModelPool:
         if compressed is not None:
             trace.compressions.append(trace_record(model, compressed, self.price(model)))
 
-    def _runnable(self, models: list[str], trace: DecisionTrace) -> list[str]:
-        runnable = []
+    def can_take(self, model: str, request: GenerationRequest) -> bool:
+        """Whether `model` declares everything the request needs (tools, images, audio, files)."""
+        return request.needs <= self.capabilities.get(model, request.needs)
+
+    def _runnable(self, models: list[str], request: GenerationRequest, trace: DecisionTrace) -> list[str]:
+        capable = []
         for model in models:
+            if self.can_take(model, request):
+                capable.append(model)
+            else:
+                trace.attempts.append(Attempt(model, "skipped_capability"))
+        if not capable:
+            missing = frozenset().union(*(request.needs - self.capabilities.get(m, frozenset()) for m in models))
+            raise RouteIncapable(trace, missing)
+        runnable = []
+        for model in capable:
             if self.cooldown.remaining(model) > 0:
                 trace.attempts.append(Attempt(model, "skipped_cooldown"))
             else:
                 runnable.append(model)
         if not runnable:
-            raise RouteUnavailable(trace, min(self.cooldown.remaining(m) for m in models) or 1.0)
+            raise RouteUnavailable(trace, min(self.cooldown.remaining(m) for m in capable) or 1.0)
         return runnable
 
     def _failed(self, model: str, error: BackendError, started: float, trace: DecisionTrace) -> None:
@@ -100,13 +116,13 @@ class ModelPool:
         if error.kind not in NOT_UNHEALTHY:
             self.cooldown.failed(model)
 
-    async def _run(self, models: list[str], trace: DecisionTrace,
+    async def _run(self, models: list[str], request: GenerationRequest, trace: DecisionTrace,
                    call: Callable[[str, float], Awaitable[T]]) -> T:
         """Call models in order until one succeeds: retryable failures are retried on the same model (with
         backoff, unless it went into cooldown), others move on to the next model, and a failure that blames
         the request ends the call."""
         errors: list[BackendError] = []
-        for model in self._runnable(models, trace):
+        for model in self._runnable(models, request, trace):
             for retry in range(self.max_retries.get(model, 0) + 1):
                 if retry:
                     if self.cooldown.remaining(model) > 0:
@@ -144,7 +160,7 @@ class ModelPool:
             self._answered(model, compressed, trace)
             return result
 
-        return await self._run(models, trace, call)
+        return await self._run(models, request, trace, call)
 
     async def open_stream(self, models: list[str], request: GenerationRequest,
                           trace: DecisionTrace) -> RouteStream:
@@ -173,7 +189,7 @@ class ModelPool:
             return RouteStream(model, first, self._guard(model, iterator, attempt, trace, started), trace=trace,
                                request=attempt, price=self.price(model), started=started)
 
-        return await self._run(models, trace, call)
+        return await self._run(models, request, trace, call)
 
     async def _guard(self, model: str, iterator: AsyncIterator[StreamChunk], request: GenerationRequest,
                      trace: DecisionTrace, started: float) -> AsyncIterator[StreamChunk]:

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from typing import Any
 
 from router.trace import Attempt, DecisionTrace
 from workers.backend import Choice, GenerationRequest, GenerationResult, StreamChunk, TokenLogprob, Usage
 from workers.errors import BackendError
+from workers.openai_format import as_deltas, merge_tool_call_deltas, tool_call_text
 from workers.pricing import TokenPrice
 from workers.tokens import complete_usage
 
@@ -53,7 +55,8 @@ class RouteStream:
         """An answer already generated (and billed) in full, as a stream: its text at once, then the finish."""
         chunks: list[StreamChunk] = []
         for choice in result.choices:
-            chunks.append(StreamChunk(choice.index, choice.text, None, choice.logprobs))
+            chunks.append(StreamChunk(choice.index, choice.text, None, choice.logprobs,
+                                      tool_calls=as_deltas(choice.tool_calls)))
             chunks.append(StreamChunk(choice.index, "", choice.finish_reason or "stop"))
         chunks.append(StreamChunk(usage=result.usage, cost_usd=result.cost_usd))
         return cls(result.model, chunks[0], _iterate(chunks[1:]), trace=trace, request=request, price=price,
@@ -93,7 +96,7 @@ class RouteStream:
             while chunk is not None:
                 if chunk.usage is not None:
                     self.usage = chunk.usage
-                if chunk.text or chunk.finish_reason or chunk.logprobs:
+                if chunk.has_content:
                     self._answer.add(chunk)
                     yield chunk
                 chunk = await anext(self._rest, None)
@@ -118,7 +121,8 @@ class RouteStream:
         """Usage and cost of an answer cut short: the provider bills what it generated. `outcome` None: the
         upstream failed (its failed attempt is already in the trace and gets the cost)."""
         if self.usage.total_tokens == 0:
-            self.usage = complete_usage(None, self._request, [c.text for c in self._answer.choices()])
+            self.usage = complete_usage(None, self._request, [c.text + tool_call_text(c.tool_calls)
+                                                              for c in self._answer.choices()])
         if self._billed:
             return
         cost = self._price.cost(self.usage.prompt_tokens, self.usage.completion_tokens)
@@ -137,6 +141,7 @@ class _StreamedAnswer:
         self._texts: dict[int, list[str]] = {}
         self._finish: dict[int, str | None] = {}
         self._logprobs: dict[int, list[TokenLogprob] | None] = {}
+        self._tool_calls: dict[int, list[dict[str, Any]]] = {}
 
     def add(self, chunk: StreamChunk) -> None:
         self._texts.setdefault(chunk.index, []).append(chunk.text)
@@ -144,13 +149,15 @@ class _StreamedAnswer:
             self._finish[chunk.index] = chunk.finish_reason
         if chunk.logprobs:
             self._logprobs[chunk.index] = (self._logprobs.get(chunk.index) or []) + chunk.logprobs
+        if chunk.tool_calls:
+            merge_tool_call_deltas(self._tool_calls.setdefault(chunk.index, []), chunk.tool_calls)
 
     def text(self, index: int) -> str:
         return "".join(self._texts.get(index, ()))
 
     def choices(self) -> list[Choice]:
-        return [Choice(i, "".join(self._texts[i]), self._finish.get(i), self._logprobs.get(i))
-                for i in sorted(self._texts)]
+        return [Choice(i, "".join(self._texts[i]), self._finish.get(i), self._logprobs.get(i),
+                       self._tool_calls.get(i)) for i in sorted(self._texts)]
 
 
 async def _iterate(chunks: list[StreamChunk]) -> AsyncIterator[StreamChunk]:

@@ -14,12 +14,18 @@ class Attempt:
     """One call to one model."""
 
     model: str
-    #: "ok", a `workers.errors.FailureKind` value, or "skipped_cooldown".
+    #: "ok", a `workers.errors.FailureKind` value, "client_closed", or a skip: "skipped_cooldown" (the model
+    #: is cooling down) or "skipped_capability" (the request needs what the model cannot do).
     outcome: str
     latency_s: float = 0.0
     cost_usd: float = 0.0
     status: int | None = None
     message: str | None = None
+
+    @property
+    def called(self) -> bool:
+        """Whether the model was called (not skipped)."""
+        return not self.outcome.startswith("skipped_")
 
 
 @dataclass(slots=True)
@@ -27,13 +33,15 @@ class TierDecision:
     """One tier of a cascade: its answer's score against its threshold, and what it cost."""
 
     model: str
-    #: "accepted", "rejected", "failed" (no answer after retries), or "fallback_accepted" (every later
-    #: tier failed, so the best-scored rejected answer was returned).
+    #: "accepted", "rejected", "failed" (no answer after retries), "skipped" (not called: `reason` says why),
+    #: or "fallback_accepted" (every later tier failed, so the best-scored rejected answer was returned).
     outcome: str
     score: float | None = None
     threshold: float | None = None
     cost_usd: float = 0.0
     latency_s: float = 0.0
+    #: Why a tier was skipped: "capability" (the request needs tools, images, audio or files it cannot take).
+    reason: str | None = None
 
 
 @dataclass(slots=True)
@@ -77,6 +85,16 @@ class DecisionTrace:
         """A request answered from the response cache: no model was called (`cache` says which entry)."""
         return cls(route=route, model=model, cache=cache)
 
+    def absorb(self, other: DecisionTrace) -> None:
+        """Add what another call of the same request did (a further prompt of a legacy completion): its
+        attempts, tiers and compression; the model is the last one that answered; savings add up."""
+        self.attempts += other.attempts
+        self.tiers += other.tiers
+        self.compressions += other.compressions
+        self.model = other.model or self.model
+        if other.saved_usd is not None:
+            self.saved_usd = (self.saved_usd or 0.0) + other.saved_usd
+
     @property
     def accepted_tier(self) -> int | None:
         """1-based number of the tier whose answer was returned (cascade routes)."""
@@ -89,7 +107,7 @@ class DecisionTrace:
     def models_tried(self) -> list[str]:
         seen: list[str] = []
         for attempt in self.attempts:
-            if attempt.outcome != "skipped_cooldown" and attempt.model not in seen:
+            if attempt.called and attempt.model not in seen:
                 seen.append(attempt.model)
         return seen
 
@@ -100,7 +118,7 @@ class DecisionTrace:
     @property
     def retries(self) -> int:
         """Calls that repeated a model already tried."""
-        calls = [a.model for a in self.attempts if a.outcome != "skipped_cooldown"]
+        calls = [a.model for a in self.attempts if a.called]
         return len(calls) - len(set(calls))
 
     @property

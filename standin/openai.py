@@ -15,8 +15,9 @@ from starlette.responses import Response, StreamingResponse
 
 from standin.core import Answer, StandIn, error_response, json_response, query_candidates
 from standin.faults import Behaviour
+from standin.tools import ToolCall, openai_call
 from workers.openai_format import content_text
-from workers.tokens import count_tokens
+from workers.tokens import count_tokens, split_tokens
 
 
 def _logprobs(kind: str, answer: Answer, pieces: list[str], top_n: int) -> Any:
@@ -61,8 +62,11 @@ async def handle(standin: StandIn, request: Request, kind: str) -> Response:
             return error_response(400, "prompt must be a string")
         candidates = [prompt]
         prompt_tokens = count_tokens(prompt)
-    answer = standin.answer(model, candidates, prompt_tokens, body)
     n = int(body.get("n") or 1)
+    call = openai_call(model, body, candidates[-1]) if kind == "chat" else None
+    if call is not None:
+        return _tool_call_response(model, call, n, prompt_tokens, body)
+    answer = standin.answer(model, candidates, prompt_tokens, body)
     top_n = int(body.get("top_logprobs") or 0) if kind == "chat" else int(body.get("logprobs") or 0)
     want_logprobs = bool(body.get("logprobs"))
     if body.get("stream"):
@@ -134,4 +138,44 @@ async def _stream(kind: str, model: str, answer: Answer, n: int, want_logprobs: 
             "total_tokens": answer.prompt_tokens + answer.completion_tokens * n,
         }
         yield frame([], usage)
+    yield b"data: [DONE]\n\n"
+
+
+def _tool_call_response(model: str, call: ToolCall, n: int, prompt_tokens: int, body: dict[str, Any]) -> Response:
+    """A chat answer that calls a tool (every choice the same call), streamed or not."""
+    completion_tokens = count_tokens(call.name) + count_tokens(call.arguments) + 3
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens * n,
+             "total_tokens": prompt_tokens + completion_tokens * n}
+    whole = {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+    if not body.get("stream"):
+        return json_response({
+            "id": f"standin-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+            "model": model, "usage": usage,
+            "choices": [{"index": i, "message": {"role": "assistant", "content": None, "tool_calls": [whole]},
+                         "logprobs": None, "finish_reason": "tool_calls"} for i in range(n)],
+        })
+    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    return StreamingResponse(_tool_call_stream(model, call, n, usage if include_usage else None),
+                             media_type="text/event-stream")
+
+
+async def _tool_call_stream(model: str, call: ToolCall, n: int, usage: dict[str, int] | None) -> AsyncIterator[bytes]:
+    ident = f"standin-{uuid.uuid4().hex}"
+    created = int(time.time())
+
+    def frame(deltas: list[dict[str, Any]] | None, finish: str | None = None, last_usage: bool = False) -> bytes:
+        choices = [] if last_usage else [{"index": i, "delta": {"tool_calls": deltas} if deltas else {},
+                                          "logprobs": None, "finish_reason": finish} for i in range(n)]
+        payload: dict[str, Any] = {"id": ident, "object": "chat.completion.chunk", "created": created,
+                                   "model": model, "choices": choices}
+        if usage is not None:
+            payload["usage"] = usage if last_usage else None
+        return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+    yield frame([{"index": 0, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}}])
+    for piece in split_tokens(call.arguments):
+        yield frame([{"index": 0, "function": {"arguments": piece}}])
+    yield frame(None, "tool_calls")
+    if usage is not None:
+        yield frame(None, last_usage=True)
     yield b"data: [DONE]\n\n"

@@ -137,6 +137,28 @@ def test_failed_tiers_are_passed_over(make_gateway: Callable[..., Gateway], synt
         httpx.delete(faults)
 
 
+def test_a_tier_that_cannot_take_the_request_is_skipped(make_gateway: Callable[..., Gateway], synthetic,
+                                                       synthetic_standin) -> None:
+    """A request with tools skips a text-only tier (reason `capability`) and is answered by a later one; the
+    same tier judges requests it can take."""
+    grid = synthetic[1]
+    config = _inline(synthetic_standin.url, synthetic, 0.0)
+    config["models"][0]["capabilities"] = []  # "cheap" takes text only
+    gateway = make_gateway(config)
+    tool = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object", "properties": {
+        "query": {"type": "string"}}, "required": ["query"]}}}
+    reply = _ask(gateway, grid, 5, "two", tools=[tool])
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "lookup"
+    assert reply.headers["x-frugal-tier-outcomes"] == "skipped,accepted"
+    assert reply.headers["x-frugal-models-tried"] == "big" and reply.headers["x-frugal-tier-accepted"] == "2"
+    tiers = gateway.ledger_row(reply.headers["x-request-id"])["trace"]["tiers"]
+    assert [(t["model"], t["outcome"], t["reason"]) for t in tiers] == [("cheap", "skipped", "capability"),
+                                                                       ("big", "accepted", None)]
+    plain = _ask(gateway, grid, 5, "two")
+    assert plain.headers["x-frugal-tier-accepted"] == "1" and plain.headers["x-frugal-models-tried"] == "cheap"
+
+
 def _stream(gateway: Gateway, grid: Grid, q: int) -> tuple[httpx.Headers, str, dict[str, Any]]:
     body = {"model": "two", "messages": [{"role": "user", "content": grid.queries[q]}], "stream": True,
             "stream_options": {"include_usage": True}, "user": grid.query_ids[q]}

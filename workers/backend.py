@@ -15,7 +15,7 @@ from workers.pricing import TokenPrice
 RequestKind = Literal["chat", "completion"]
 
 #: OpenAI request parameters that a backend forwards to the model unchanged (when set).
-SAMPLING_PARAMS: tuple[str, ...] = (
+FORWARDED_PARAMS: tuple[str, ...] = (
     "temperature",
     "top_p",
     "max_tokens",
@@ -30,7 +30,28 @@ SAMPLING_PARAMS: tuple[str, ...] = (
     "presence_penalty",
     "frequency_penalty",
     "logit_bias",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "functions",
+    "function_call",
+    "reasoning_effort",
+    "verbosity",
+    "safety_identifier",
+    "prompt_cache_key",
+    "prompt_cache_retention",
+    "prompt_cache_options",
 )
+
+#: Forwarded parameters that only tag a request or hint at the provider's own caching: they never change
+#: the answer, and a provider that does not know them may go without them.
+HINT_PARAMS = frozenset({"user", "safety_identifier", "prompt_cache_key", "prompt_cache_retention",
+                         "prompt_cache_options"})
+
+#: What a request may need of a model beyond text in, text out (`GenerationRequest.needs`); a model declares
+#: what it can do (the configuration's `capabilities`), and routes skip the models that cannot.
+Capability = Literal["tools", "images", "audio", "files"]
+CAPABILITIES: tuple[str, ...] = ("tools", "images", "audio", "files")
 
 
 @dataclass(slots=True)
@@ -40,7 +61,7 @@ class GenerationRequest:
     kind: RequestKind
     messages: list[dict[str, Any]] = field(default_factory=list)
     prompt: str = ""
-    #: Parameters from `SAMPLING_PARAMS`, already validated by the gateway.
+    #: Parameters from `FORWARDED_PARAMS`, already validated by the gateway.
     params: dict[str, Any] = field(default_factory=dict)
     #: Seconds to wait for the whole answer (non-streaming) or for each chunk (streaming).
     timeout_s: float = 60.0
@@ -48,6 +69,8 @@ class GenerationRequest:
     tenant: str | None = None
     #: False when the client opted out of prompt compression (`x-frugal-compress: off`).
     compress: bool = True
+    #: What the request needs of a model beyond text (tools, images, audio, files).
+    needs: frozenset[str] = frozenset()
 
 
 @dataclass(slots=True)
@@ -81,6 +104,9 @@ class Choice:
     text: str
     finish_reason: str | None
     logprobs: list[TokenLogprob] | None = None
+    #: Chat: the tool calls the model made, in OpenAI's shape (`{"id", "type", "function": {"name",
+    #: "arguments"}}`), or None.
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 @dataclass(slots=True)
@@ -106,8 +132,10 @@ class GenerationResult:
 class StreamChunk:
     """One increment of a streamed answer.
 
-    Text chunks carry `text` (and `logprobs` when asked for); a choice's last chunk carries its
-    `finish_reason`. The stream's final chunk carries `usage` and `cost_usd` (text empty).
+    Text chunks carry `text` (and `logprobs` when asked for); tool-call chunks carry `tool_calls` deltas in
+    OpenAI's streamed shape (each with its `index`; the first of a call with its `id`, `type` and function
+    `name`, later ones more of its `arguments`); a choice's last chunk carries its `finish_reason`. The
+    stream's final chunk carries `usage` and `cost_usd` (text empty).
     """
 
     index: int = 0
@@ -116,6 +144,12 @@ class StreamChunk:
     logprobs: list[TokenLogprob] | None = None
     usage: Usage | None = None
     cost_usd: float | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+
+    @property
+    def has_content(self) -> bool:
+        """Whether the chunk carries anything for the client (not only usage)."""
+        return bool(self.text or self.finish_reason or self.logprobs or self.tool_calls)
 
 
 @runtime_checkable

@@ -11,7 +11,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from workers.backend import GenerationRequest, GenerationResult, StreamChunk
+from workers.backend import HINT_PARAMS, GenerationRequest, GenerationResult, StreamChunk
 from workers.errors import BackendError, FailureKind, kind_for_status, retry_after_seconds
 from workers.litellm_loader import load_litellm
 from workers.openai_format import parse_response, parse_stream_chunk
@@ -44,6 +44,12 @@ class LiteLLMBackend:
             kwargs["api_key"] = self._model.api_key
         if self._model.extra_headers:
             kwargs["extra_headers"] = dict(self._model.extra_headers)
+        if not self._model.openai_compatible:
+            for hint in (HINT_PARAMS - {"user"}) & kwargs.keys():  # tags and caching hints only OpenAI knows
+                del kwargs[hint]
+        if self._model.openai_compatible:
+            # the server speaks OpenAI's protocol: what it takes is for it to say, not for litellm's model list
+            kwargs["allowed_openai_params"] = sorted(request.params)
         if "user" in kwargs and self._model.openai_compatible:
             # litellm forwards `user` only for model names it knows as OpenAI's and drops it silently
             # for other OpenAI-compatible servers; the client asked for it, so it goes in the body.

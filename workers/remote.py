@@ -9,6 +9,7 @@ from typing import Any
 
 from workers.backend import Choice, GenerationRequest, GenerationResult, StreamChunk, Usage
 from workers.errors import BackendError, FailureKind
+from workers.openai_format import tool_call_text
 from workers.pricing import TokenPrice
 from workers.tokens import complete_usage
 
@@ -65,7 +66,7 @@ def check_credentials(model: RemoteModel) -> None:
 def priced_result(model: RemoteModel, request: GenerationRequest, choices: list[Choice], usage: Usage | None,
                   started: float) -> GenerationResult:
     """A provider's answer as a result: its usage (counted when the provider reported none), cost and latency."""
-    usage = complete_usage(usage, request, [c.text for c in choices])
+    usage = complete_usage(usage, request, [c.text + tool_call_text(c.tool_calls) for c in choices])
     return GenerationResult(model=model.name, choices=choices, usage=usage, latency_s=time.perf_counter() - started,
                             cost_usd=model.price.cost(usage.prompt_tokens, usage.completion_tokens))
 
@@ -84,7 +85,7 @@ class StreamTally:
         """Count one provider event's chunks (and its usage, if it carried any); returns the chunks."""
         self._usage = usage or self._usage
         for chunk in chunks:
-            self._texts.setdefault(chunk.index, []).append(chunk.text)
+            self._texts.setdefault(chunk.index, []).append(chunk.text + tool_call_text(chunk.tool_calls))
         return chunks
 
     def closing_chunk(self) -> StreamChunk:

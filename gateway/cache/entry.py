@@ -43,7 +43,8 @@ class CachedResponse:
     def to_bytes(self) -> bytes:
         return orjson.dumps({
             "model": self.model,
-            "choices": [[c.index, c.text, c.finish_reason, _logprobs_out(c.logprobs)] for c in self.choices],
+            "choices": [[c.index, c.text, c.finish_reason, _logprobs_out(c.logprobs), c.tool_calls]
+                        for c in self.choices],
             "usage": [self.usage.prompt_tokens, self.usage.completion_tokens, self.usage.estimated],
             "cost_usd": self.cost_usd,
             "stored_at": self.stored_at,
@@ -57,7 +58,8 @@ class CachedResponse:
         prompt_tokens, completion_tokens, estimated = body["usage"]
         return cls(
             model=body["model"],
-            choices=[Choice(index, text, finish, _logprobs_in(lps)) for index, text, finish, lps in body["choices"]],
+            choices=[Choice(c[0], c[1], c[2], _logprobs_in(c[3]), c[4] if len(c) > 4 else None)
+                     for c in body["choices"]],
             usage=Usage(prompt_tokens, completion_tokens, estimated),
             cost_usd=float(body["cost_usd"]),
             stored_at=float(body["stored_at"]),

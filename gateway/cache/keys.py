@@ -9,10 +9,10 @@ from typing import Any
 
 import orjson
 
-from workers.backend import GenerationRequest
+from workers.backend import HINT_PARAMS, GenerationRequest
 
-#: Parameters that do not change the answer (`user` only tags the request for abuse monitoring).
-NEUTRAL_PARAMS = frozenset({"user"})
+#: Parameters that do not change the answer (tags for abuse monitoring, hints for a provider's own caching).
+NEUTRAL_PARAMS = HINT_PARAMS
 
 KEY_VERSION = b"frugal-cache-v1"
 

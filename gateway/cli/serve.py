@@ -21,6 +21,7 @@ def serve(
     from threadpoolctl import threadpool_limits
 
     from gateway.app import create_app
+    from gateway.http_protocol import guarded_protocol
     from gateway.settings import ConfigError, load_config
 
     configure_logging(log_level)
@@ -40,6 +41,8 @@ def serve(
         log_level=log_level,
         access_log=False,
         loop="uvloop",
-        http="httptools",
+        http=guarded_protocol(header_timeout_s=settings.limits.header_timeout_s,
+                              body_timeout_s=settings.limits.body_timeout_s,
+                              max_connections=settings.limits.max_connections),
         timeout_graceful_shutdown=10,
     )
