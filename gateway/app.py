@@ -19,6 +19,7 @@ from gateway.errors import install_error_handlers
 from gateway.ledger import Ledger
 from gateway.metrics import GatewayMetrics
 from gateway.model_list import model_routes
+from gateway.openapi import install_openapi
 from gateway.operations import operations_routes
 from gateway.ratelimit import RateLimiter
 from gateway.recorder import Recorder
@@ -84,6 +85,7 @@ def create_app(config: FrugalConfig, *, backends: dict[str, Backend] | None = No
     app.state.metrics = metrics
     app.state.router = router
     install_error_handlers(app)
+    install_openapi(app)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:

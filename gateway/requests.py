@@ -6,14 +6,15 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 from starlette.requests import ClientDisconnect, Request
 
 from gateway.errors import APIError, bad_request, too_large
 from workers.backend import FORWARDED_PARAMS, GenerationRequest, RequestKind
 from workers.tokens import decode_tokens
 
-#: OpenAI parameters that exist but that this gateway does not implement yet, with the reason.
+#: OpenAI parameters that exist but that this gateway does not implement yet, with the reason. Each is
+#: refused with a 400 that says so, unless its value asks for nothing this gateway does not do (`HARMLESS`).
 UNSUPPORTED: dict[str, str] = {
     "audio": "audio output is not supported by this gateway",
     "modalities": "only text output is supported by this gateway",
@@ -21,16 +22,40 @@ UNSUPPORTED: dict[str, str] = {
     "web_search_options": "web search is not supported by this gateway",
     "store": "stored completions are not supported by this gateway",
     "metadata": "stored-completion metadata is not supported by this gateway",
-    "service_tier": "service_tier is not supported by this gateway",
+    "service_tier": "choosing a provider's service tier (which changes its price) is not supported by this gateway",
     "moderation": "OpenAI's moderation of input and output is not run by this gateway",
     "echo": "echo is not supported by this gateway",
     "best_of": "best_of is not supported by this gateway",
     "suffix": "suffix is not supported by this gateway",
 }
 
+#: Values of unsupported parameters that ask for what this gateway does anyway: accepted, not forwarded.
+HARMLESS: dict[str, Any] = {
+    "store": lambda value, body: value is False,
+    "metadata": lambda value, body: body.get("store") is not True,  # metadata only matters to stored completions
+    "modalities": lambda value, body: value == ["text"],
+    "service_tier": lambda value, body: value in ("auto", "default"),
+    "echo": lambda value, body: value is False,
+    "best_of": lambda value, body: value == 1,
+    "suffix": lambda value, body: value == "",
+}
+
+
+def _integral(value: Any) -> Any:
+    """JSON does not tell 1 from 1.0: an integral float is an integer (JSON Schema's rule, and OpenAI's)."""
+    return int(value) if isinstance(value, float) and value.is_integer() and abs(value) < 2**63 else value
+
+
+#: An integer parameter: strict (no strings, no booleans), but 1.0 is 1.
+Int = Annotated[int, BeforeValidator(_integral)]
+INTEGER_PARAMS = frozenset({"n", "max_tokens", "max_completion_tokens", "seed", "top_logprobs", "logprobs"})
+
+
 #: Bodies nested deeper than this are refused: every body is serialised again (cache keys, upstream
 #: requests), and serialisers have a recursion limit (orjson's is 255).
 MAX_JSON_DEPTH = 64
+#: The prompt of a completion that gives none (OpenAI's default: the start of a new document).
+DEFAULT_PROMPT = "<|endoftext|>"
 #: Choices one request may ask for in all (`n` times the number of prompts).
 MAX_CHOICES = 128
 
@@ -66,7 +91,7 @@ class ImagePart(_Part):
 
 
 class InputAudio(_Body):
-    data: str = Field(min_length=1)
+    data: str
     format: Literal["wav", "mp3"]
 
 
@@ -93,7 +118,7 @@ PART_NEEDS = {"image_url": "images", "input_audio": "audio", "file": "files"}
 
 
 class FunctionCall(_Body):
-    name: str = Field(min_length=1)
+    name: str
     arguments: str
 
 
@@ -138,7 +163,7 @@ class AssistantMessage(_Message):
 class ToolMessage(_Body):
     role: Literal["tool"]
     content: str | list[TextPart]
-    tool_call_id: str = Field(min_length=1)
+    tool_call_id: str
 
 
 class FunctionMessage(_Body):
@@ -199,11 +224,11 @@ class _Common(_Body):
     model: str = Field(min_length=1, max_length=256)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, ge=0, le=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
+    max_tokens: Int | None = Field(default=None, ge=1)
+    max_completion_tokens: Int | None = Field(default=None, ge=1)
+    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
+    seed: Int | None = None
+    n: Int = Field(default=1, ge=1, le=MAX_CHOICES)
     user: str | None = Field(default=None, max_length=256)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
@@ -213,8 +238,6 @@ class _Common(_Body):
 
     def cross_checks(self) -> None:
         """Rules that tie several fields together (raised with the field to blame)."""
-        if isinstance(self.stop, list) and len(self.stop) > 4:
-            raise bad_request("Invalid value for 'stop': at most 4 sequences.", param="stop", code="invalid_value")
         if self.stream_options is not None and not self.stream:
             raise bad_request("The 'stream_options' parameter is only allowed when 'stream' is enabled.",
                               param="stream_options", code="invalid_value")
@@ -223,7 +246,7 @@ class _Common(_Body):
 class ChatCompletionBody(_Common):
     messages: list[dict[str, Any]] = Field(min_length=1)
     logprobs: bool | None = None
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    top_logprobs: Int | None = Field(default=None, ge=0, le=20)
     response_format: ResponseFormat | None = None
     tools: list[Annotated[FunctionTool | CustomTool, Field(discriminator="type")]] | None = Field(
         default=None, max_length=128)
@@ -254,8 +277,9 @@ class ChatCompletionBody(_Common):
 
 
 class CompletionBody(_Common):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    logprobs: int | None = Field(default=None, ge=0, le=5)
+    prompt: str | Annotated[list[str], Field(min_length=1)] | Annotated[list[int], Field(min_length=1)] | Annotated[
+        list[Annotated[list[int], Field(min_length=1)]], Field(min_length=1)]
+    logprobs: Int | None = Field(default=None, ge=0, le=5)
 
     def cross_checks(self) -> None:
         super().cross_checks()
@@ -295,10 +319,6 @@ def _check_message(index: int, message: Any) -> None:
         shape.model_validate(message)
     except ValidationError as exc:
         raise _validation_error(exc, prefix=where) from exc
-    if role == "assistant" and message.get("content") is None and not message.get("tool_calls") \
-            and not message.get("function_call"):
-        raise bad_request(f"Invalid value for '{where}.content': an assistant message needs content unless it "
-                          "has tool_calls.", param=f"{where}.content", code="invalid_value")
 
 
 def needs_of(body: dict[str, Any]) -> frozenset[str]:
@@ -390,18 +410,22 @@ async def read_json(request: Request, max_bytes: int) -> dict[str, Any]:
     return body
 
 
-def _refuse_unsupported(body: dict[str, Any]) -> None:
-    for name in body:
-        if name in UNSUPPORTED and body[name] is not None:
+def _without_unsupported(body: dict[str, Any]) -> dict[str, Any]:
+    """`body` without the unsupported parameters whose values are harmless; 400 for any other one."""
+    present = [name for name in body if name in UNSUPPORTED]
+    for name in present:
+        if not HARMLESS.get(name, lambda value, body: False)(body[name], body):
             raise bad_request(f"Unsupported parameter: '{name}': {UNSUPPORTED[name]}.", param=name,
                               code="unsupported_parameter")
+    return {k: v for k, v in body.items() if k not in UNSUPPORTED} if present else body
 
 
 def _validation_error(exc: ValidationError, prefix: str = "") -> APIError:
     """The 400 for a pydantic error: of its errors the most specific (the deepest location), so that a
     list of parts is blamed on the part that is wrong, not on not being a string."""
     errors = exc.errors()
-    error = max(errors, key=lambda e: len(_param_path(e["loc"])))
+    # the deepest error; at equal depth one that says what is wrong with a value of the right type
+    error = max(errors, key=lambda e: (len(_param_path(e["loc"])), not e["type"].endswith("_type")))
     param = _param_path(error["loc"])
     if error["type"] == "string_type" and any(e["type"] == "list_type" and _param_path(e["loc"]) == param
                                                for e in errors):
@@ -427,7 +451,6 @@ KNOWN_PARAMS = {"chat": frozenset(ChatCompletionBody.model_fields) | frozenset(U
 
 
 def _validate(kind: RequestKind, body: dict[str, Any]) -> _Common:
-    _refuse_unsupported(body)
     model = ChatCompletionBody if kind == "chat" else CompletionBody
     try:
         return model.model_validate(body)
@@ -468,10 +491,16 @@ def _prompts(prompt: str | list[Any]) -> list[str]:
 def parse_request(kind: RequestKind, body: dict[str, Any]) -> ParsedRequest:
     """Validate an OpenAI chat or completion body (raises `APIError` 400)."""
     known = KNOWN_PARAMS[kind]
+    null_prompt = kind == "completion" and "prompt" in body and body["prompt"] is None
     body = {name: value for name, value in body.items() if value is not None or name not in known}
+    if null_prompt:
+        body["prompt"] = DEFAULT_PROMPT  # OpenAI's default for a null prompt
+    body = _without_unsupported(body)
     parsed = _validate(kind, body)
     parsed.cross_checks()
     params = {name: body[name] for name in FORWARDED_PARAMS if body.get(name) is not None}
+    for name in INTEGER_PARAMS & params.keys():
+        params[name] = getattr(parsed, name)  # 2.0 was read as 2
     if params.get("n") == 1:
         del params["n"]
     generation = GenerationRequest(kind=kind, params=params)

@@ -157,6 +157,12 @@ def test_a_tier_that_cannot_take_the_request_is_skipped(make_gateway: Callable[.
                                                                        ("big", "accepted", None)]
     plain = _ask(gateway, grid, 5, "two")
     assert plain.headers["x-frugal-tier-accepted"] == "1" and plain.headers["x-frugal-models-tried"] == "cheap"
+    # the same through the openai SDK, streamed: the call arrives in deltas from the tier that could take it
+    stream = gateway.client().chat.completions.create(
+        model="two", messages=[{"role": "user", "content": grid.queries[5]}], tools=[tool], stream=True)
+    deltas = [d for chunk in stream for c in chunk.choices for d in c.delta.tool_calls or []]
+    assert [d.function.name for d in deltas if d.function and d.function.name] == ["lookup"]
+    assert json.loads("".join(d.function.arguments or "" for d in deltas)) == {"query": grid.queries[5]}
 
 
 def _stream(gateway: Gateway, grid: Grid, q: int) -> tuple[httpx.Headers, str, dict[str, Any]]:
