@@ -31,6 +31,9 @@ def gateway(standin_server: Service, tmp_path_factory: pytest.TempPathFactory) -
                    "max_connections": MAX_CONNECTIONS},
     })
     gw.start()
+    for _ in range(5):
+        still_answers(gw)
+    gw.baseline_rss_mib = rss_mib(gw)  # type: ignore[attr-defined]
     yield gw
     gw.stop()
 
@@ -196,3 +199,10 @@ def test_clients_that_vanish_mid_stream_cost_no_memory(gateway: Gateway, standin
         assert row["status"] == 499 and row["client_disconnected"] in (True, 1)
     still_answers(gateway)
     assert rss_mib(gateway) - baseline < 20
+
+
+def test_after_all_of_it_memory_is_back_near_where_it_started(gateway: Gateway) -> None:
+    """Runs last: every hostile client above has come and gone; the gateway still answers, and holds no more
+    than a little more memory than after its first few requests."""
+    still_answers(gateway)
+    assert rss_mib(gateway) - gateway.baseline_rss_mib < 40  # type: ignore[attr-defined]
