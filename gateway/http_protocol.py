@@ -2,7 +2,8 @@
 
 uvicorn's httptools protocol with three guards and one change of shape:
 - a request's headers must arrive within `header_timeout_s` (a client trickling them byte by byte is
-  answered 408 and closed, instead of holding a connection and a descriptor forever);
+  answered 408 and closed, instead of holding a connection and a descriptor forever; a connection on which
+  no request begins is closed without an answer);
 - its body must arrive within `body_timeout_s` of the headers (the same);
 - at most `max_connections` connections are open at once; one more is answered 503 and closed at once;
 - a request the HTTP parser rejects (e.g. `Content-Length: -1`) gets OpenAI's error JSON, not plain text.
@@ -38,6 +39,9 @@ class GuardedProtocol(HttpToolsProtocol):
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self._deadline: asyncio.TimerHandle | None = None
+        #: Whether a request has begun to arrive (an idle connection is closed without an answer, as a
+        #: keep-alive timeout would).
+        self._begun = False
 
     def _arm(self, seconds: float, what: str) -> None:
         self._disarm()
@@ -52,9 +56,10 @@ class GuardedProtocol(HttpToolsProtocol):
         self._deadline = None
         if self.transport.is_closing():
             return
-        log.warning("closing a connection from %s: its request %s did not arrive in time",
-                    self.client[0] if self.client else "?", what)
-        if self.cycle is None or not self.cycle.response_started:
+        if self._begun:
+            log.warning("closing a connection from %s: its request %s did not arrive in time",
+                        self.client[0] if self.client else "?", what)
+        if self._begun and (self.cycle is None or not self.cycle.response_started):
             limit = self.header_timeout_s if what == "headers" else self.body_timeout_s
             self.transport.write(error_bytes(408, "Request Timeout", f"The request {what} did not arrive within "
                                              f"{limit:g} s.", "request_timeout"))
@@ -77,6 +82,7 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self._begun = True
         self._arm(self.header_timeout_s, "headers")
 
     def on_headers_complete(self) -> None:

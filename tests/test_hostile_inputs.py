@@ -201,6 +201,12 @@ def test_clients_that_vanish_mid_stream_cost_no_memory(gateway: Gateway, standin
     assert rss_mib(gateway) - baseline < 20
 
 
+def test_a_connection_that_never_sends_a_request_is_closed_without_an_answer(gateway: Gateway) -> None:
+    started = time.monotonic()
+    assert raw_exchange(gateway, b"") == b""  # the server closed it; nothing was sent back
+    assert time.monotonic() - started < HEADER_TIMEOUT_S + 5
+
+
 def test_after_all_of_it_memory_is_back_near_where_it_started(gateway: Gateway) -> None:
     """Runs last: every hostile client above has come and gone; the gateway still answers, and holds no more
     than a little more memory than after its first few requests."""
