@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from pydantic import BaseModel, Field
 from pydantic.json_schema import models_json_schema
 
-from gateway.requests import (
+from gateway.request_shapes import (
     AssistantMessage,
     ChatCompletionBody,
     CompletionBody,
