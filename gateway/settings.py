@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from workers.backend import CAPABILITIES
+from workers.backend import CAPABILITIES, Capability
 from workers.pricing import TokenPrice
 
 
@@ -116,7 +116,7 @@ class ModelConfig(_Strict):
     #: What the model takes beyond text: tools (tool definitions, calls and results), images, audio, files.
     #: Default: all of them for remote models (the provider decides; one that cannot answers 400), none for
     #: local models. Routes skip a model for a request that needs what it does not declare.
-    capabilities: list[Literal["tools", "images", "audio", "files"]] | None = None
+    capabilities: list[Capability] | None = None
 
     @property
     def is_local(self) -> bool:

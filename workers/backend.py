@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, get_args, runtime_checkable
 
 from workers.pricing import TokenPrice
 
@@ -51,7 +51,7 @@ HINT_PARAMS = frozenset({"user", "safety_identifier", "prompt_cache_key", "promp
 #: What a request may need of a model beyond text in, text out (`GenerationRequest.needs`); a model declares
 #: what it can do (the configuration's `capabilities`), and routes skip the models that cannot.
 Capability = Literal["tools", "images", "audio", "files"]
-CAPABILITIES: tuple[str, ...] = ("tools", "images", "audio", "files")
+CAPABILITIES: tuple[str, ...] = get_args(Capability)
 
 
 @dataclass(slots=True)
