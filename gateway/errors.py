@@ -12,7 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from router.failures import RouteFailed, RouteIncapable, RouteUnavailable
+from router.failures import NoAcceptedAnswer, RouteFailed, RouteIncapable, RouteUnavailable
 from workers.errors import BackendError, FailureKind
 
 log = logging.getLogger("frugal.gateway")
@@ -92,6 +92,9 @@ def error_for(failure: RouteFailed | RouteUnavailable | RouteIncapable | Backend
         return APIError(400, f"No model of '{failure.trace.route}' can take {missing}; use a route or model that "
                              "declares them (models[].capabilities).",
                         param="tools" if failure.missing == {"tools"} else "messages", code="unsupported_content")
+    if isinstance(failure, NoAcceptedAnswer):
+        return APIError(503, f"{failure} (the route's on_unaccepted is 'error').", type="api_error",
+                        code="no_accepted_answer", retry_after_s=failure.retry_after_s)
     if isinstance(failure, RouteUnavailable):
         return APIError(503, str(failure), type="api_error", code="models_cooling_down",
                         retry_after_s=failure.retry_after_s)

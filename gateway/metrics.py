@@ -40,6 +40,12 @@ class GatewayMetrics:
                                        buckets=(1, 2, 3, 4, 5, 6, 8), registry=r)
         self.cascade_accepted = Counter("frugal_cascade_accepted", "Cascade answers by the tier that gave them",
                                         ["route", "tier", "model"], registry=r)
+        self.cascade_answers = Counter("frugal_cascade_answers", "Cascade answers by whether a judge (or the last "
+                                       "tier) accepted them (false: the best rejected answer, no higher tier "
+                                       "could answer)", ["route", "accepted"], registry=r)
+        self.cascade_escalations = Counter("frugal_cascade_escalations", "Cascade tiers passed over, by reason "
+                                           "(score, error, timeout, capacity, context_length, capability, no_key, "
+                                           "cooldown)", ["route", "model", "reason"], registry=r)
         # A gauge, not a counter: a request whose last tier answered costs more than the reference model
         # alone, so the running total can go down.
         self.cascade_saved = Gauge("frugal_cascade_saved_usd", "Net USD saved by cascades against each route's "

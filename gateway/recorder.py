@@ -164,5 +164,10 @@ class Recorder:
         accepted = trace.accepted_tier
         if accepted is not None:
             m.cascade_accepted.labels(route, str(accepted), trace.tiers[accepted - 1].model).inc()
+        if trace.accepted is not None:
+            m.cascade_answers.labels(route, "true" if trace.accepted else "false").inc()
+        for tier in trace.tiers:
+            if tier.reason is not None:
+                m.cascade_escalations.labels(route, tier.model, tier.reason).inc()
         if trace.saved_usd is not None:
             m.cascade_saved.labels(route).inc(trace.saved_usd)

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gateway.compression import build_compression
-from gateway.settings import ConfigError, FrugalConfig, RouteConfig
+from gateway.settings import ConfigError, FrugalConfig, RouteConfig, TierConfig
 from router.cascade import CascadeRoute
 from router.cooldown import Cooldown
 from router.fallback import FallbackRoute
@@ -20,19 +21,26 @@ from router.tiers import Tier
 from workers.backend import Backend
 
 if TYPE_CHECKING:
+    from gateway.cache.embedder import Embedder
+    from scorer.judge import LocalJudge
     from scorer.runtime import OnnxScorer
 
 log = logging.getLogger("frugal.routes")
 
 class RouteContext:
-    """What route builders share while one router is built: the pool, and scorers loaded once per folder."""
+    """What route builders share while one router is built: the configuration, the pool, and scorers and
+    judges loaded once per folder."""
 
-    def __init__(self, pool: ModelPool) -> None:
+    def __init__(self, config: FrugalConfig, pool: ModelPool) -> None:
+        self.config = config
         self.pool = pool
         self._scorers: dict[str, OnnxScorer] = {}
+        self._judges: dict[str, LocalJudge] = {}
 
-    def scorer(self, route: RouteConfig) -> OnnxScorer:
+    def scorer(self, route: RouteConfig) -> OnnxScorer | None:
         """The route's scorer, loaded once per folder (ONNX Runtime sessions), shared by the routes using it."""
+        if route.scorer is None:
+            return None
         from scorer.runtime import OnnxScorer, ScorerError  # noqa: PLC0415 (onnxruntime, only when needed)
 
         folder = str(route.scorer)
@@ -43,6 +51,38 @@ class RouteContext:
                 raise ConfigError(f"route {route.name!r}: {exc}") from exc
         return self._scorers[folder]
 
+    def judge(self, route: RouteConfig, tier: TierConfig) -> LocalJudge | None:
+        """A local tier's judge: its configured folder, else the one packaged for its model (None for remote
+        tiers, `judge: none`, or a local model that has no packaged judge)."""
+        from scorer.judge import JudgeError, LocalJudge, packaged_judge  # noqa: PLC0415
+
+        model = self.config.model(tier.model)
+        if tier.judge == "none" or (tier.judge is None and not model.is_local):
+            return None
+        folder = Path(tier.judge) if tier.judge else packaged_judge(model.backend)
+        if folder is None:
+            log.warning("route %s: no judge is packaged for %s; its answers are accepted unjudged (build one "
+                        "with `frugal judge build`)", route.name, model.backend)
+            return None
+        key = str(folder)
+        if key not in self._judges:
+            try:
+                self._judges[key] = LocalJudge(folder, embed=self._embedder().embed_many)
+            except (JudgeError, OSError, KeyError) as exc:
+                raise ConfigError(f"route {route.name!r}, tier {tier.model}: {exc}") from exc
+        judge = self._judges[key]
+        if judge.model.removeprefix("local/") != model.backend.removeprefix("local/"):
+            log.warning("route %s: the judge in %s was built for %s, and tier %s is %s", route.name, folder,
+                        judge.model, tier.model, model.backend)
+        return judge
+
+    def _embedder(self) -> Embedder:
+        from gateway.cache.embedder import Embedder  # noqa: PLC0415
+
+        if not hasattr(self, "_shared_embedder"):
+            self._shared_embedder = Embedder()
+        return self._shared_embedder
+
 
 RouteBuilder = Callable[[RouteConfig, RouteContext], Route]
 
@@ -51,18 +91,47 @@ def build_fallback(route: RouteConfig, context: RouteContext) -> Route:
     return FallbackRoute(route.name, list(route.models), context.pool)
 
 
+def price_order(models: list[str], config: FrugalConfig) -> list[TierConfig]:
+    """`models` as tiers, cheapest first (by the sum of input and output prices; local models are free),
+    in the given order among equals."""
+    def price(name: str) -> float:
+        model = config.model(name)
+        return model.input_cost_per_token + model.output_cost_per_token
+
+    return [TierConfig(model=m) for m in sorted(models, key=price)]
+
+
 def build_cascade(route: RouteConfig, context: RouteContext) -> Route:
-    """A cascade route; its scorer must know every tier but the last."""
+    """A cascade route: each tier judged by its judge, else by the route's scorer, else accepted."""
     scorer = context.scorer(route)
-    unknown = [t.model for t in route.tiers[:-1] if not scorer.knows(t.model)]
-    if unknown:
-        raise ConfigError(f"route {route.name!r}: the scorer in {route.scorer} was not trained for "
-                          f"{', '.join(unknown)} (every tier but the last is scored)")
-    tiers = tuple(Tier(t.model, t.threshold if i < len(route.tiers) - 1 else None)
-                  for i, t in enumerate(route.tiers))
-    log.info("route %s: cascade %s", route.name,
-             " -> ".join(t.model + (f" (>= {t.threshold:.3f})" if t.threshold is not None else "") for t in tiers))
-    return CascadeRoute(route.name, tiers, scorer, context.pool)
+    configured = route.tiers or price_order(route.models, context.config)
+    judges: dict[str, LocalJudge] = {}
+    tiers: list[Tier] = []
+    for index, tier in enumerate(configured):
+        last = index == len(configured) - 1
+        judge = None if last else context.judge(route, tier)
+        threshold = None
+        if judge is not None:
+            judges[tier.model] = judge
+            threshold = tier.threshold if tier.threshold is not None else judge.threshold
+        elif not last and scorer is not None and scorer.knows(tier.model):
+            if tier.threshold is None:
+                raise ConfigError(f"route {route.name!r}: tier {tier.model} is judged by the scorer in "
+                                  f"{route.scorer} and needs a threshold")
+            threshold = tier.threshold
+        elif not last and tier.threshold is not None:
+            raise ConfigError(f"route {route.name!r}: tier {tier.model} has a threshold, but neither a judge nor "
+                              f"the route's scorer knows it (every tier but the last is judged by one of them)")
+        tiers.append(Tier(tier.model, threshold))
+    log.info("route %s: cascade %s (when no tier accepts: %s)", route.name,
+             " -> ".join(t.model + (f" (judge >= {t.threshold:.3f})" if t.threshold is not None else
+                                    " (unjudged)" if i < len(tiers) - 1 else " (last)")
+                         for i, t in enumerate(tiers)), route.on_unaccepted)
+    missing = [f"{t.model} (${m.api_key_env} is not set)" for t in tiers
+               if (m := context.config.model(t.model)).api_key_env and m.resolved_api_key() is None]
+    if missing:
+        log.warning("route %s: tiers skipped until their keys are set: %s", route.name, ", ".join(missing))
+    return CascadeRoute(route.name, tiers, scorer, context.pool, judges=judges, on_unaccepted=route.on_unaccepted)
 
 
 ROUTE_KINDS: dict[str, RouteBuilder] = {"fallback": build_fallback, "cascade": build_cascade}
@@ -84,5 +153,5 @@ def build_router(config: FrugalConfig, backends: dict[str, Backend]) -> Router:
     """The router over `backends`, with every configured route. Raises `ConfigError` when a route cannot
     be built (e.g. a cascade's scorer cannot be loaded)."""
     pool = build_pool(config, backends)
-    context = RouteContext(pool)
+    context = RouteContext(config, pool)
     return Router(pool, {route.name: ROUTE_KINDS[route.kind](route, context) for route in config.routes})

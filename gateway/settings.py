@@ -152,15 +152,20 @@ class TierConfig(_Strict):
     """One tier of a cascade: a model, and the score at or above which its answer is accepted."""
 
     model: str = Field(min_length=1)
-    #: Required for every tier but the last (which is always accepted).
+    #: The score at or above which the tier's answer is accepted. Needed for a tier the route's scorer
+    #: judges; a tier with a judge takes the judge's own threshold by default; the last tier has none.
     threshold: float | None = Field(default=None, ge=0, le=1)
+    #: A local tier's judge (`frugal judge build`): a folder (relative to the config file), "none", or
+    #: unset for the judge packaged with the local model, when there is one.
+    judge: str | None = None
 
 
 class RouteConfig(_Strict):
     """A name clients can use for several models.
 
-    `fallback`: an ordered list; the first model that answers wins. `cascade`: tiers judged by a scorer;
-    either `tiers` and `scorer` here, or `cascade`, a file written by `frugal cascade fit`.
+    `fallback`: an ordered list; the first model that answers wins. `cascade`: tiers judged per answer;
+    either `tiers` (with a `scorer` for the tiers it judges), or `models` (tiers in price order, cheapest
+    first, each local one judged by its packaged judge), or `cascade`, a file written by `frugal cascade fit`.
     """
 
     name: str = Field(min_length=1)
@@ -173,6 +178,9 @@ class RouteConfig(_Strict):
     cascade: str | None = None
     #: Compress prompts before the models (tiers) of this route; `min_input_usd_per_mtok` picks which.
     compression: CompressionConfig | None = None
+    #: Cascade routes: when no tier accepted an answer (every higher tier unusable or failed), return the
+    #: best answer marked `x-frugal-accepted: false` ("answer"), or refuse with a 503 ("error").
+    on_unaccepted: Literal["answer", "error"] = "answer"
 
     @model_validator(mode="after")
     def _shape(self) -> RouteConfig:
@@ -182,18 +190,11 @@ class RouteConfig(_Strict):
             if self.tiers or self.scorer or self.cascade:
                 raise ValueError("tiers, scorer and cascade belong to routes of kind cascade")
             return self
-        if self.models:
-            raise ValueError("a cascade route lists tiers (or a cascade file), not models")
-        if self.cascade is not None:
-            if self.tiers:
-                raise ValueError("give either a cascade file or tiers, not both")
-            return self
-        if not self.tiers or self.scorer is None:
-            raise ValueError("a cascade route needs tiers and a scorer, or a cascade file")
-        for index, tier in enumerate(self.tiers[:-1]):
-            if tier.threshold is None:
-                raise ValueError(f"tier {index} ({tier.model}) needs a threshold (only the last tier has none)")
-        models = [t.model for t in self.tiers]
+        given = [bool(self.models), bool(self.tiers), self.cascade is not None]
+        if sum(given) != 1:
+            raise ValueError("a cascade route gives exactly one of: models (tiers in price order), tiers, "
+                             "or a cascade file")
+        models = self.models or [t.model for t in self.tiers]
         if len(set(models)) != len(models):
             raise ValueError("a model can be only one tier of a cascade")
         return self
@@ -203,7 +204,10 @@ class RouteConfig(_Strict):
         if self.kind != "cascade":
             return self
         if self.cascade is None:
-            return self.model_copy(update={"scorer": str(base_dir / str(self.scorer))})
+            tiers = [t.model_copy(update={"judge": str(base_dir / t.judge)}) if t.judge not in (None, "none")
+                     else t for t in self.tiers]
+            return self.model_copy(update={"scorer": str(base_dir / self.scorer) if self.scorer else None,
+                                           "tiers": tiers})
         from router.cascade_file import CascadeFile  # noqa: PLC0415 - read only for cascade routes
 
         fitted = CascadeFile.read(base_dir / self.cascade)
@@ -213,7 +217,7 @@ class RouteConfig(_Strict):
     @property
     def members(self) -> list[str]:
         """The models this route may call."""
-        return list(self.models) if self.kind == "fallback" else [t.model for t in self.tiers]
+        return list(self.models) if self.kind == "fallback" or self.models else [t.model for t in self.tiers]
 
 
 class KeyConfig(_Strict):
@@ -336,6 +340,13 @@ class FrugalConfig(_Strict):
     ledger: LedgerConfig = LedgerConfig()
     cache: CacheConfig = CacheConfig()
     compressor: CompressorConfig = CompressorConfig()
+
+    def model(self, name: str) -> ModelConfig:
+        """The configured model named `name` (`KeyError` when there is none)."""
+        for model in self.models:
+            if model.name == name:
+                return model
+        raise KeyError(name)
 
     @model_validator(mode="after")
     def _consistent(self) -> FrugalConfig:

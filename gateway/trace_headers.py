@@ -31,7 +31,10 @@ def cascade_headers(trace: DecisionTrace) -> dict[str, str]:
         "x-frugal-thresholds": ",".join(number(t.threshold) for t in trace.tiers),
         "x-frugal-tier-costs-usd": ",".join(f"{t.cost_usd:.10f}" for t in trace.tiers),
         "x-frugal-tier-latencies-ms": ",".join(f"{t.latency_s * 1000:.1f}" for t in trace.tiers),
+        "x-frugal-escalations": ",".join(t.reason or "-" for t in trace.tiers),
     }
+    if trace.accepted is not None:
+        headers["x-frugal-accepted"] = "true" if trace.accepted else "false"
     accepted = trace.accepted_tier
     if accepted is not None:
         headers["x-frugal-tier-accepted"] = str(accepted)

@@ -1,9 +1,15 @@
-"""Cascade routes: tier 1 answers; the scorer judges the answer; below the tier's threshold the next tier
+"""Cascade routes: tier 1 answers; a judge scores the answer; below the tier's threshold the next tier
 answers; the last tier is always accepted.
 
-Each tier is one model called through the `ModelPool` (so retries, timeouts and cooldowns apply per tier).
-A tier that fails is passed over; if every later tier fails too, the best-scored answer already received is
-returned rather than an error. Streaming: the tiers before the accepted one are generated in full and
+A tier is judged by its own judge when it has one (a local model's judge reads the answer's log-probs and
+self-consistency samples, `router.judge`), else by the route's scorer where it knows the model; a tier that
+nothing judges is accepted. Each tier is one model called through the `ModelPool` (so retries, timeouts and
+cooldowns apply per tier). A tier that cannot be called is skipped, one that fails is passed over; each
+escalation has a reason (`TierDecision.reason`: score, error, timeout, capacity, context_length, capability,
+no_key, cooldown). When no tier accepted an answer but some tier answered, the best-scored answer is returned
+marked not accepted (`DecisionTrace.accepted`), or, with `on_unaccepted: error`, the route refuses (503).
+
+Streaming: the tiers before the accepted one are generated in full and
 scored (they must be, to be judged); an accepted earlier answer is sent at once, and when the cascade
 reaches the last tier, that tier is streamed token by token. Once the answer is complete, the route
 settles: each tier's cost and latency, and the saving against the route's most expensive model.
@@ -12,11 +18,12 @@ settles: each tier's cost and latency, and the saving against the route's most e
 from __future__ import annotations
 
 import math
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import replace
-from typing import Protocol, TypeVar
+from typing import Literal, Protocol, TypeVar
 
-from router.failures import RouteFailed, RouteIncapable, RouteUnavailable
+from router.failures import NoAcceptedAnswer, RouteFailed, RouteIncapable, RouteUnavailable
+from router.judge import TierJudge, judge_request, signals_of
 from router.pool import ModelPool
 from router.stream import RouteStream
 from router.tiers import Tier
@@ -33,6 +40,8 @@ class Scorer(Protocol):
               previous: Sequence[tuple[str, str]] = ()) -> float: ...
 
     def uses_confidence(self, model: str) -> bool: ...
+
+    def knows(self, model: str) -> bool: ...
 
 
 T = TypeVar("T")
@@ -70,57 +79,105 @@ def _without_logprobs(result: GenerationResult) -> GenerationResult:
     return replace(result, choices=[replace(c, logprobs=None) for c in result.choices])
 
 
-class CascadeRoute:
-    """A `Route` whose tiers are judged by `scorer`."""
+def _trim_alternatives(result: GenerationResult, request: GenerationRequest) -> GenerationResult:
+    """The log-probs with only as many alternatives per token as the client asked for (a judge asks more)."""
+    key = "top_logprobs" if request.kind == "chat" else "logprobs"
+    keep = int(request.params.get(key) or 0)
+    return replace(result, choices=[replace(c, logprobs=[replace(lp, top=lp.top[:keep]) for lp in c.logprobs])
+                                    if c.logprobs else c for c in result.choices])
 
-    def __init__(self, name: str, tiers: Sequence[Tier], scorer: Scorer, pool: ModelPool) -> None:
+
+#: What a cascade does when no tier accepted an answer but some tier answered (every higher tier was
+#: unusable or failed): return the best answer marked `accepted: false`, or refuse with a 503.
+OnUnaccepted = Literal["answer", "error"]
+
+#: Why a tier was passed over, from the failure of its call.
+_FAILURE_REASONS = {FailureKind.TIMEOUT: "timeout", FailureKind.CONTEXT_WINDOW: "context_length",
+                    FailureKind.OVERLOADED: "capacity"}
+
+
+def failure_reason(failure: RouteFailed | RouteUnavailable) -> str:
+    """A failed tier's escalation reason: "timeout", "context_length", "capacity", or "error"."""
+    if isinstance(failure, RouteUnavailable):
+        return "cooldown"
+    return _FAILURE_REASONS.get(failure.last.kind, "error")
+
+
+class CascadeRoute:
+    """A `Route` whose tiers are judged: by the tier's own judge (`judges`, e.g. a local model's), else by
+    `scorer` where it knows the model; a tier neither judges is accepted, as the last tier always is."""
+
+    def __init__(self, name: str, tiers: Sequence[Tier], scorer: Scorer | None, pool: ModelPool, *,
+                 judges: Mapping[str, TierJudge] | None = None, on_unaccepted: OnUnaccepted = "answer") -> None:
         self.name = name
         self.tiers = tuple(tiers)
         self.scorer = scorer
+        self.judges = dict(judges or {})
+        self.on_unaccepted = on_unaccepted
         self._pool = pool
 
     @property
     def models(self) -> list[str]:
         return [t.model for t in self.tiers]
 
+    def _judged(self, model: str) -> bool:
+        return model in self.judges or (self.scorer is not None and self.scorer.knows(model))
+
     async def _judged_tiers(self, request: GenerationRequest,
                             trace: DecisionTrace) -> tuple[GenerationResult | None, _Best | None]:
-        """Call and score the tiers before the last: the first accepted answer (or None), and the best
-        rejected one (tier failures are recorded and passed over)."""
+        """Call and judge the tiers before the last: the first accepted answer (or None), and the best
+        rejected one. A tier that cannot be called is skipped and one that fails is passed over, each with
+        its reason; a tier nothing judges is accepted."""
         query = query_text(request)
         asked_logprobs = bool(request.params.get("logprobs"))
         previous: list[tuple[str, str]] = []
         best: _Best | None = None
         for tier in self.tiers[:-1]:
-            wants = self.scorer.uses_confidence(tier.model) and not asked_logprobs
-            if not self._pool.can_take(tier.model, request):
-                trace.tiers.append(TierDecision(tier.model, "skipped", threshold=tier.threshold, reason="capability"))
+            skip = self._pool.skip_reason(tier.model, request)
+            if skip is not None:
+                trace.tiers.append(TierDecision(tier.model, "skipped", threshold=tier.threshold, reason=skip))
                 continue
+            judge = self.judges.get(tier.model)
+            scorer = self.scorer if judge is None and self.scorer is not None and self.scorer.knows(tier.model) \
+                else None
+            wants = scorer is not None and scorer.uses_confidence(tier.model) and not asked_logprobs
+            sent = judge_request(request, judge.settings) if judge is not None else \
+                _with_logprobs(request) if wants else request
             try:
-                result = await self._pool.generate([tier.model], _with_logprobs(request) if wants else request,
-                                                   trace)
-            except (RouteFailed, RouteUnavailable):
-                trace.tiers.append(TierDecision(tier.model, "failed", threshold=tier.threshold))
+                result = await self._pool.generate([tier.model], sent, trace)
+            except (RouteFailed, RouteUnavailable) as failure:
+                trace.tiers.append(TierDecision(tier.model, "failed", threshold=tier.threshold,
+                                                reason=failure_reason(failure)))
                 continue
-            score = self.scorer.score(query, result.text, tier.model, confidence_of(result), previous)
-            accepted = tier.threshold is not None and score >= tier.threshold
-            decision = TierDecision(tier.model, "accepted" if accepted else "rejected", score, tier.threshold)
+            if judge is not None:
+                score: float | None = judge.score(query, signals_of(result))
+            elif scorer is not None:
+                score = scorer.score(query, result.text, tier.model, confidence_of(result), previous)
+            else:
+                score = None
+            accepted = score is None or (tier.threshold is not None and score >= tier.threshold)
+            decision = TierDecision(tier.model, "accepted" if accepted else "rejected", score, tier.threshold,
+                                    reason=None if accepted else "score")
             trace.tiers.append(decision)
-            if wants:
+            if (judge is not None and not asked_logprobs) or wants:
                 result = _without_logprobs(result)
+            elif judge is not None:
+                result = _trim_alternatives(result, request)
             if accepted:
                 trace.model = tier.model
+                trace.accepted = True
                 return result, best
             trace.model = None  # the pool named it; it was not accepted
             previous.append((tier.model, result.text))
-            if best is None or score > best[0]:
-                best = (score, result, decision)
+            if best is None or (score or 0.0) > best[0]:
+                best = (score or 0.0, result, decision)
         return None, best
 
     async def generate(self, request: GenerationRequest, trace: DecisionTrace) -> GenerationResult:
         result, best = await self._judged_tiers(request, trace)
         if result is None:
-            result = await self._last_tier(trace, best, lambda models: self._pool.generate(models, request, trace))
+            result = await self._last_tier(request, trace, best,
+                                           lambda models: self._pool.generate(models, request, trace))
         self._settle(trace, result.usage)
         return result
 
@@ -129,7 +186,8 @@ class CascadeRoute:
         accepted, best = await self._judged_tiers(request, trace)
         stream: RouteStream | None = None
         if accepted is None:
-            last = await self._last_tier(trace, best, lambda models: self._pool.open_stream(models, request, trace))
+            last = await self._last_tier(request, trace, best,
+                                         lambda models: self._pool.open_stream(models, request, trace))
             if isinstance(last, RouteStream):
                 stream = last
             else:
@@ -141,27 +199,40 @@ class CascadeRoute:
         stream.on_finish(lambda usage: self._settle(trace, usage))
         return stream
 
-    async def _last_tier(self, trace: DecisionTrace, best: _Best | None,
+    async def _last_tier(self, request: GenerationRequest, trace: DecisionTrace, best: _Best | None,
                          call: Callable[[list[str]], Awaitable[T]]) -> T | GenerationResult:
-        """The last tier's answer (always accepted); if it fails, the best-scored earlier answer."""
+        """The last tier's answer (always accepted); when it cannot be called or fails, the best-scored
+        earlier answer, marked not accepted (or, with `on_unaccepted: error`, a 503)."""
         last = self.tiers[-1]
+        skip = self._pool.skip_reason(last.model, request)
+        if best is not None and skip in ("no_key", "cooldown"):
+            trace.tiers.append(TierDecision(last.model, "skipped", reason=skip))
+            return self._unaccepted(trace, best)
         try:
             out = await call([last.model])
         except (RouteFailed, RouteUnavailable, RouteIncapable) as failure:
-            skipped = isinstance(failure, RouteIncapable)
-            trace.tiers.append(TierDecision(last.model, "skipped" if skipped else "failed",
-                                            reason="capability" if skipped else None))
+            incapable = isinstance(failure, RouteIncapable)
+            trace.tiers.append(TierDecision(last.model, "skipped" if incapable else "failed",
+                                            reason="capability" if incapable else failure_reason(failure)))
             if best is None:
-                if skipped and any(t.outcome == "failed" for t in trace.tiers):
+                if incapable and any(t.outcome == "failed" for t in trace.tiers):
                     # some tier could take the request but failed: that, not the request, is the problem
                     raise RouteFailed(trace, [BackendError(FailureKind.UNKNOWN, f"{last.model}: cannot take this "
                                                            "request and every earlier tier failed")]) from failure
                 raise
-            best[2].outcome = "fallback_accepted"
-            trace.model = best[2].model
-            return best[1]
+            return self._unaccepted(trace, best)
         trace.tiers.append(TierDecision(last.model, "accepted"))
+        trace.accepted = True
         return out
+
+    def _unaccepted(self, trace: DecisionTrace, best: _Best) -> GenerationResult:
+        """No tier accepted an answer: the best-scored one, marked not accepted, or `NoAcceptedAnswer`."""
+        if self.on_unaccepted == "error":
+            raise NoAcceptedAnswer(trace)
+        best[2].outcome = "fallback_accepted"
+        trace.model = best[2].model
+        trace.accepted = False
+        return best[1]
 
     @staticmethod
     def _tally(trace: DecisionTrace) -> None:

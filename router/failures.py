@@ -51,3 +51,13 @@ class RouteIncapable(Exception):
         super().__init__(f"no model of {trace.route!r} can take a request with {', '.join(sorted(missing))}")
         self.trace = trace
         self.missing = missing
+
+
+class NoAcceptedAnswer(RouteUnavailable):
+    """`on_unaccepted: error` and no tier accepted an answer: a 503 naming the tiers that could not answer."""
+
+    def __init__(self, trace: DecisionTrace) -> None:
+        missing = [f"{t.model} ({t.reason})" for t in trace.tiers if t.outcome in ("skipped", "failed")]
+        super().__init__(trace, 1.0)
+        self.args = (f"no tier of {trace.route!r} accepted an answer; the tiers that could not answer: "
+                     f"{', '.join(missing) or 'none'}",)

@@ -90,6 +90,17 @@ class ModelPool:
         """Whether `model` declares everything the request needs (tools, images, audio, files)."""
         return request.needs <= self.capabilities.get(model, request.needs)
 
+    def skip_reason(self, model: str, request: GenerationRequest) -> str | None:
+        """Why `model` cannot be called for `request` now, or None: "capability" (the request needs what it
+        cannot take), "no_key" (its API key is not set), "cooldown" (it failed repeatedly just now)."""
+        if not self.can_take(model, request):
+            return "capability"
+        if getattr(self.backends[model], "missing_key_env", None):
+            return "no_key"
+        if self.cooldown.remaining(model) > 0:
+            return "cooldown"
+        return None
+
     def _runnable(self, models: list[str], request: GenerationRequest, trace: DecisionTrace) -> list[str]:
         capable = []
         for model in models:

@@ -40,7 +40,10 @@ class TierDecision:
     threshold: float | None = None
     cost_usd: float = 0.0
     latency_s: float = 0.0
-    #: Why a tier was skipped: "capability" (the request needs tools, images, audio or files it cannot take).
+    #: Why the cascade went past this tier: "score" (rejected by its judge), "error", "timeout",
+    #: "capacity" (its queue was full), "context_length" (the prompt does not fit it), "capability" (the
+    #: request needs tools, images, audio or files it cannot take), "no_key" (its API key is not set) or
+    #: "cooldown" (it failed repeatedly just now). None for the tier that answered.
     reason: str | None = None
 
 
@@ -71,6 +74,9 @@ class DecisionTrace:
     model: str | None = None
     #: Cascade routes: each tier tried, in order (empty for other routes).
     tiers: list[TierDecision] = field(default_factory=list)
+    #: Cascade routes: whether the answer returned was accepted (by a judge, or as the last tier's); False
+    #: when it is the best of the rejected answers because no higher tier could answer.
+    accepted: bool | None = None
     #: Cascade routes: what the route's most expensive model would have cost for the answer returned,
     #: minus what the cascade cost (negative when the cascade cost more).
     saved_usd: float | None = None
@@ -92,6 +98,8 @@ class DecisionTrace:
         self.tiers += other.tiers
         self.compressions += other.compressions
         self.model = other.model or self.model
+        if other.accepted is not None:
+            self.accepted = other.accepted if self.accepted is None else self.accepted and other.accepted
         if other.saved_usd is not None:
             self.saved_usd = (self.saved_usd or 0.0) + other.saved_usd
 
@@ -137,6 +145,7 @@ class DecisionTrace:
         if self.tiers:
             body["tiers"] = [asdict(t) for t in self.tiers]
             body["accepted_tier"] = self.accepted_tier
+            body["accepted"] = self.accepted
             body["saved_usd"] = self.saved_usd
         if self.compressions:
             body["compression"] = [asdict(c) for c in self.compressions]

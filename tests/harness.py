@@ -79,19 +79,21 @@ class Service:
     """A server process, started and stopped by the tests, ready when `ready_path` answers 200."""
 
     def __init__(self, name: str, args: list[str], port: int, log_dir: Path, env: dict[str, str] | None = None,
-                 ready_path: str = "/healthz") -> None:
+                 ready_path: str = "/healthz", *, cwd: Path | None = None, unset: Iterable[str] = ()) -> None:
         self.name = name
         self.args = args
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = log_dir / f"{name}-{port}.log"
-        self.env = {**os.environ, **(env or {})}
+        gone = set(unset)
+        self.env = {k: v for k, v in {**os.environ, **(env or {})}.items() if k not in gone}
         self.ready_path = ready_path
+        self.cwd = cwd
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout_s: float = 60.0) -> Service:
         log = self.log_path.open("wb")
-        self.process = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, env=self.env)
+        self.process = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd)
 
         def ready() -> bool:
             if self.process is not None and self.process.poll() is not None:

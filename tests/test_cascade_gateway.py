@@ -204,11 +204,10 @@ def test_cascade_configuration_errors(tmp_path: Path, synthetic) -> None:
         with pytest.raises(ConfigError, match=message):
             parse_config(yaml.safe_dump({**base, "routes": [route]}), "c.yaml", tmp_path)
 
-    check({"name": "r", "kind": "cascade", "scorer": "s", "tiers": [{"model": "cheap"}, {"model": "big"}]},
-          "tier 0 \\(cheap\\) needs a threshold")
     check({"name": "r", "kind": "cascade", "scorer": "s", "tiers": [{"model": "cheap", "threshold": 0.5},
                                                                     {"model": "nope"}]}, "unknown models: nope")
-    check({"name": "r", "kind": "cascade", "tiers": [{"model": "cheap"}]}, "needs tiers and a scorer")
+    check({"name": "r", "kind": "cascade"}, "exactly one of")
+    check({"name": "r", "kind": "cascade", "models": ["cheap"], "tiers": [{"model": "big"}]}, "exactly one of")
     check({"name": "r", "kind": "cascade", "cascade": "missing.yaml"}, "cannot read cascade file")
     check({"name": "r", "models": ["cheap"], "scorer": "s"}, "belong to routes of kind cascade")
     check({"name": "r", "kind": "cascade", "scorer": "s", "tiers": [{"model": "cheap", "threshold": 1.5},
@@ -225,6 +224,15 @@ def test_cascade_configuration_errors(tmp_path: Path, synthetic) -> None:
     done = subprocess.run([str(BIN / "frugal"), "serve", "--config", str(config)], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 2 and "cannot read scorer manifest" in done.stderr
+    # a tier the scorer judges needs a threshold; a tier nothing judges may not have one (checked at start-up)
+    scorer_dir = synthetic[2].with_name("cascade.scorer")
+    for scorer, message in ((str(scorer_dir), "needs a threshold"), (None, "neither a judge nor")):
+        tiers = [{"model": "cheap"} if scorer else {"model": "cheap", "threshold": 0.5}, {"model": "big"}]
+        route = {"name": "r", "kind": "cascade", "tiers": tiers, **({"scorer": scorer} if scorer else {})}
+        config.write_text(yaml.safe_dump({**base, "routes": [route]}))
+        done = subprocess.run([str(BIN / "frugal"), "serve", "--config", str(config)], capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
 
 
 # --- a data pack test split through the gateway ---------------------------------------------------

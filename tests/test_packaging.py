@@ -50,6 +50,8 @@ def test_the_wheel_carries_every_runtime_data_file_and_serves_from_a_fresh_envir
     inside = set(zipfile.ZipFile(wheel).namelist())
     data_files = [name for name in source_files() if not name.endswith(".py")]
     assert "gateway/cache/verifier.json" in data_files
+    assert {"scorer/judges/smollm2-135m-instruct/judge.json", "scorer/judges/smollm2-135m-instruct/judge.onnx"} <= \
+        set(data_files)
     assert [name for name in data_files if name not in inside] == []
 
     # A fresh environment outside the repository: the wheel installed alone; its dependencies are found in
@@ -65,6 +67,10 @@ def test_the_wheel_carries_every_runtime_data_file_and_serves_from_a_fresh_envir
     where = subprocess.run([str(python), "-c", "import gateway; print(gateway.__file__)"], cwd=tmp_path,
                            capture_output=True, text=True, check=True).stdout.strip()
     assert Path(where).is_relative_to(site)
+    judged = subprocess.run([str(python), "-c", "from scorer.judge import LocalJudge, packaged_judge; "
+                             "print(LocalJudge(packaged_judge('local/smollm2-135m-instruct')).folder)"],
+                            cwd=tmp_path, capture_output=True, text=True, check=True).stdout.strip()
+    assert Path(judged).is_relative_to(site)  # the default local model's judge comes with the wheel
 
     port = free_port()
     config = tmp_path / "gateway.yaml"

@@ -294,3 +294,110 @@ def test_the_router_finds_routes_and_models_by_name() -> None:
     single = router.resolve("a")
     assert single is not None and run(single.generate(request(), DecisionTrace("a"))).model == "a"
     assert router.resolve("nope") is None
+
+
+# Judged tiers, escalation reasons, answers no tier accepted
+
+
+class FixedJudge:
+    """A tier judge with a fixed score; remembers the requests' extras and the results it judged."""
+
+    def __init__(self, score: float, samples: int = 3) -> None:
+        from router.judge import JudgeSettings
+
+        self.settings = JudgeSettings(samples=samples, top_logprobs=5)
+        self.fixed = score
+        self.judged: list[str] = []
+
+    def score(self, query: str, result: Any) -> float:
+        self.judged.append(result.text)
+        return self.fixed
+
+
+def judged(score: float, *backends: FakeBackend, on_unaccepted: str = "answer",
+           threshold: float = 0.5) -> tuple[CascadeRoute, FixedJudge]:
+    judge = FixedJudge(score)
+    tiers = [Tier(backends[0].name, threshold)] + [Tier(b.name) for b in backends[1:]]
+    return CascadeRoute("c", tiers, None, pool_of(*backends), judges={backends[0].name: judge},
+                        on_unaccepted=on_unaccepted), judge  # type: ignore[arg-type]
+
+
+def test_a_judged_tier_is_asked_for_its_signals_and_the_client_never_sees_them() -> None:
+    local, big = FakeBackend("local", answer="four"), FakeBackend("big", price=BIG)
+    route, judge = judged(0.9, local, big)
+    trace = DecisionTrace("c")
+    result = run(route.generate(request(), trace))
+    sent = local.requests[0]
+    assert sent.samples == 3 and sent.params["logprobs"] is True and sent.params["top_logprobs"] == 5
+    assert result.model == "local" and result.choices[0].logprobs is None and judge.judged == ["four"]
+    assert trace.accepted is True and [t.reason for t in trace.tiers] == [None] and big.calls == 0
+
+
+def test_a_rejected_judged_answer_climbs_with_the_reason_score() -> None:
+    local, big = FakeBackend("local", answer="five"), FakeBackend("big", price=BIG)
+    route, _ = judged(0.1, local, big)
+    trace = DecisionTrace("c")
+    assert run(route.generate(request(), trace)).model == "big"
+    assert [(t.outcome, t.reason) for t in trace.tiers] == [("rejected", "score"), ("accepted", None)]
+    assert trace.accepted is True and big.requests[0].samples == 0
+
+
+@pytest.mark.parametrize(("kind", "reason"), [(FailureKind.CONTEXT_WINDOW, "context_length"),
+                                              (FailureKind.TIMEOUT, "timeout"), (FailureKind.OVERLOADED, "capacity"),
+                                              (FailureKind.SERVER, "error")])
+def test_a_tier_that_fails_escalates_with_the_failure_as_its_reason(kind: FailureKind, reason: str) -> None:
+    local, big = FakeBackend("local", failures=[failure(kind)]), FakeBackend("big", answer="four", price=BIG)
+    route, judge = judged(0.9, local, big)
+    trace = DecisionTrace("c")
+    assert run(route.generate(request(), trace)).text == "four"
+    assert [(t.model, t.outcome, t.reason) for t in trace.tiers] == [("local", "failed", reason),
+                                                                     ("big", "accepted", None)]
+    assert judge.judged == [] and trace.accepted is True
+
+
+def test_a_prompt_too_long_for_a_tier_never_cools_it_down() -> None:
+    local, big = FakeBackend("local"), FakeBackend("big", price=BIG)
+    local.failures = [failure(FailureKind.CONTEXT_WINDOW) for _ in range(5)]
+    route, _ = judged(0.9, local, big)
+    for _ in range(5):
+        run(route.generate(request(), DecisionTrace("c")))
+    assert route._pool.skip_reason("local", request()) is None and local.calls == 5
+
+
+class KeylessBackend(FakeBackend):
+    missing_key_env = "NOWHERE_API_KEY"
+
+
+def test_without_a_usable_higher_tier_the_best_answer_comes_back_not_accepted() -> None:
+    local, big = FakeBackend("local", answer="five"), KeylessBackend("big", price=BIG)
+    route, _ = judged(0.1, local, big)
+    trace = DecisionTrace("c")
+    result = run(route.generate(request(), trace))
+    assert result.text == "five" and big.calls == 0
+    assert [(t.model, t.outcome, t.reason) for t in trace.tiers] == [("local", "fallback_accepted", "score"),
+                                                                     ("big", "skipped", "no_key")]
+    assert trace.accepted is False and trace.to_dict()["accepted"] is False
+
+
+def test_on_unaccepted_error_refuses_and_names_the_tiers_that_could_not_answer() -> None:
+    from router.failures import NoAcceptedAnswer
+
+    local, big = FakeBackend("local", answer="five"), KeylessBackend("big", price=BIG)
+    route, _ = judged(0.1, local, big, on_unaccepted="error")
+    with pytest.raises(NoAcceptedAnswer, match=r"big \(no_key\)"):
+        run(route.generate(request(), DecisionTrace("c")))
+    keyless_middle = CascadeRoute("c", [Tier("local", 0.5), Tier("mid"), Tier("big")], None,
+                                  pool_of(FakeBackend("local"), KeylessBackend("mid"), FakeBackend("big", answer="ok")),
+                                  judges={"local": FixedJudge(0.1)})  # type: ignore[dict-item]
+    trace = DecisionTrace("c")
+    assert run(keyless_middle.generate(request(), trace)).text == "ok"
+    assert [t.reason for t in trace.tiers] == ["score", "no_key", None]
+
+
+def test_a_tier_nothing_judges_is_accepted_like_a_fallback() -> None:
+    local, mid, big = FakeBackend("local", answer="five"), FakeBackend("mid", answer="four"), FakeBackend("big")
+    route = CascadeRoute("c", [Tier("local", 0.5), Tier("mid"), Tier("big")], None, pool_of(local, mid, big),
+                         judges={"local": FixedJudge(0.1)})  # type: ignore[dict-item]
+    trace = DecisionTrace("c")
+    assert run(route.generate(request(), trace)).model == "mid"
+    assert [(t.outcome, t.score) for t in trace.tiers] == [("rejected", 0.1), ("accepted", None)] and big.calls == 0

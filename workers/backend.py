@@ -71,6 +71,12 @@ class GenerationRequest:
     compress: bool = True
     #: What the request needs of a model beyond text (tools, images, audio, files).
     needs: frozenset[str] = frozenset()
+    #: Extra answers to sample for a judge's self-consistency check (`GenerationResult.samples`). Only local
+    #: backends produce them (beside the answer, sharing its prompt's keys and values); others ignore it.
+    samples: int = 0
+    #: The samples' temperature, whatever the answer's own (the judge's settings choose it); each sample is
+    #: seeded by its number, so the same prompt gets the same samples.
+    sample_temperature: float = 1.0
 
 
 @dataclass(slots=True)
@@ -118,6 +124,10 @@ class GenerationResult:
     usage: Usage
     latency_s: float
     cost_usd: float
+    #: The extra sampled answers the request asked for (`GenerationRequest.samples`), never sent to clients.
+    samples: list[str] = field(default_factory=list)
+    #: Tokens generated for those samples (not in `usage`: the client did not ask for them).
+    sample_tokens: int = 0
 
     @property
     def text(self) -> str:

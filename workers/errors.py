@@ -26,7 +26,7 @@ RETRYABLE = frozenset(
 #: Failures that say the request itself is wrong: another model would reject it too.
 CLIENT_FAULT = frozenset({FailureKind.BAD_REQUEST})
 #: Failures that say nothing against the model's health: they never count towards a cooldown.
-NOT_UNHEALTHY = CLIENT_FAULT | {FailureKind.OVERLOADED}
+NOT_UNHEALTHY = CLIENT_FAULT | {FailureKind.OVERLOADED, FailureKind.CONTEXT_WINDOW}
 
 
 class BackendError(Exception):

@@ -31,6 +31,8 @@ class HTTPBackend:
         self.name = model.name
         self.price = model.price
         self._model = model
+        #: The environment variable of the API key the configuration names and the environment lacks.
+        self.missing_key_env = model.missing_key_env
         base = model.api_base.rstrip("/")
         self._urls = {"chat": f"{base}/chat/completions", "completion": f"{base}/completions"}
         self._headers = {"content-type": "application/json", **model.extra_headers}

@@ -31,6 +31,8 @@ class LiteLLMBackend:
         self.name = model.name
         self.price = model.price
         self._model = model
+        #: The environment variable of the API key the configuration names and the environment lacks.
+        self.missing_key_env = model.missing_key_env
         self._litellm = load_litellm()
 
     def _kwargs(self, request: GenerationRequest, *, stream: bool) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import typer
 
-from gateway.cli import cache, cascade, models, scorer, serve, standin
+from gateway.cli import cache, cascade, judge, models, scorer, serve, standin
 
 
 def build() -> typer.Typer:
@@ -17,6 +17,7 @@ def build() -> typer.Typer:
     app.add_typer(models.app, name="models")
     app.add_typer(scorer.app, name="scorer")
     app.add_typer(cascade.app, name="cascade")
+    app.add_typer(judge.app, name="judge")
     app.add_typer(cache.app, name="cache")
     return app
 

@@ -40,6 +40,8 @@ class Grid:
     confidence: np.ndarray
     input_tokens: np.ndarray
     output_tokens: np.ndarray
+    #: Each query's reference answer where the data has one (the pack's `gold`), else None.
+    golds: tuple[str | None, ...] | None = None
 
     def __len__(self) -> int:
         return len(self.queries)
@@ -59,6 +61,7 @@ class Grid:
             confidence=self.confidence[index],
             input_tokens=self.input_tokens[index],
             output_tokens=self.output_tokens[index],
+            golds=tuple(self.golds[i] for i in index) if self.golds is not None else None,
         )
 
     def split(self, name: str) -> Grid:
@@ -86,6 +89,7 @@ class Grid:
             confidence=self.confidence[:, cols],
             input_tokens=self.input_tokens[:, cols],
             output_tokens=self.output_tokens[:, cols],
+            golds=self.golds,
         )
 
     def has_confidence(self) -> dict[str, bool]:
@@ -154,4 +158,5 @@ def grid_from_rows(rows: list[dict], origin: str = "<rows>") -> Grid:
         confidence=array("confidence"),
         input_tokens=array("input_tokens"),
         output_tokens=array("output_tokens"),
+        golds=tuple(r.get("gold") if isinstance(r.get("gold"), str) else None for r in first),
     )

@@ -89,14 +89,21 @@ class LocalBackend:
         return params, max_tokens, [stop] if isinstance(stop, str) else list(stop), want_logprobs
 
     def _sequences(self, request: GenerationRequest, on_step: Any, on_done: Any) -> list[tuple[Sequence, Generation]]:
-        """One engine sequence per choice (`n`); `on_step(index, step)`, `on_done(index, error)`."""
+        """One engine sequence per choice (`n`), then one per self-consistency sample (`request.samples`,
+        numbered after the choices); `on_step(index, step)` (choices only), `on_done(index, error)`. The
+        choices are submitted first, so the samples find the prompt's keys and values in the prefix cache."""
         prompt = self._prompt_ids(request)
         params, max_tokens, stop, want_logprobs = self._params(request)
         salt = request.tenant if self.isolate_tenants else None
+        choices = int(request.params.get("n", 1))
         made = []
-        for index in range(int(request.params.get("n", 1))):
-            choice_params = params
-            if params.seed is not None and index:
+        for index in range(choices + max(0, request.samples)):
+            choice_params, logprobs = params, want_logprobs
+            if index >= choices:  # a sample: drawn at the judge's temperature, seeded by its number
+                choice_params = dataclasses.replace(params, temperature=request.sample_temperature, top_p=1.0,
+                                                    seed=index - choices, top_logprobs=0)
+                logprobs = False
+            elif params.seed is not None and index:
                 choice_params = dataclasses.replace(params, seed=params.seed + index)  # a different draw per choice
             state = Generation()
 
@@ -104,8 +111,12 @@ class LocalBackend:
                 self.finished[state.finish_reason or "error"] += 1
                 on_done(index, error)
 
-            sequence = self.generator.sequence(prompt, choice_params, max_tokens, stop, state,
-                                               lambda step, i=index: on_step(i, step), done, want_logprobs, salt)
+            def step(step: Step, index: int = index) -> None:
+                if index < choices:
+                    on_step(index, step)
+
+            sequence = self.generator.sequence(prompt, choice_params, max_tokens, stop, state, step, done,
+                                               logprobs, salt)
             made.append((sequence, state))
         return made
 
@@ -153,16 +164,23 @@ class LocalBackend:
         except Exception as exc:
             raise BackendError(FailureKind.SERVER, f"{self.name}: the local engine failed: {exc}") from exc
         want = bool(request.params.get("logprobs"))
+        count = int(request.params.get("n", 1))
         choices, usage = [], Usage()
-        for index, (_, state) in enumerate(sequences):
+        for index, (_, state) in enumerate(sequences[:count]):
             choices.append(Choice(index, state.text, state.finish_reason,
                                   self._logprobs(steps.get(index, [])) if want else None))
             usage.prompt_tokens = state.prompt_tokens
             usage.completion_tokens += state.completion_tokens
+        samples = [state for _, state in sequences[count:]]
         return GenerationResult(self.name, choices, usage, time.perf_counter() - started,
-                                self.price.cost(usage.prompt_tokens, usage.completion_tokens))
+                                self.price.cost(usage.prompt_tokens, usage.completion_tokens),
+                                samples=[s.text for s in samples],
+                                sample_tokens=sum(s.completion_tokens for s in samples))
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamChunk]:
+        """The answer token by token (self-consistency samples are only drawn by `generate`)."""
+        if request.samples:
+            request = dataclasses.replace(request, samples=0)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Any] = asyncio.Queue()
         want = bool(request.params.get("logprobs"))
