@@ -120,8 +120,22 @@ class CascadeRoute:
     def models(self) -> list[str]:
         return [t.model for t in self.tiers]
 
-    def _judged(self, model: str) -> bool:
-        return model in self.judges or (self.scorer is not None and self.scorer.knows(model))
+    async def _answer_and_score(self, tier: Tier, request: GenerationRequest, trace: DecisionTrace, query: str,
+                                previous: list[tuple[str, str]]) -> tuple[GenerationResult, float | None]:
+        """The tier's answer (as the client may see it) and its score: by the tier's judge, else by the
+        route's scorer when it knows the model, else None (nothing judges it). Raises the pool's failures."""
+        asked_logprobs = bool(request.params.get("logprobs"))
+        judge = self.judges.get(tier.model)
+        if judge is not None:
+            result = await self._pool.generate([tier.model], judge_request(request, judge.settings), trace)
+            score = judge.score(query, signals_of(result))
+            return (_trim_alternatives(result, request) if asked_logprobs else _without_logprobs(result)), score
+        if self.scorer is None or not self.scorer.knows(tier.model):
+            return await self._pool.generate([tier.model], request, trace), None
+        wants = self.scorer.uses_confidence(tier.model) and not asked_logprobs
+        result = await self._pool.generate([tier.model], _with_logprobs(request) if wants else request, trace)
+        score = self.scorer.score(query, result.text, tier.model, confidence_of(result), previous)
+        return (_without_logprobs(result) if wants else result), score
 
     async def _judged_tiers(self, request: GenerationRequest,
                             trace: DecisionTrace) -> tuple[GenerationResult | None, _Best | None]:
@@ -129,7 +143,6 @@ class CascadeRoute:
         rejected one. A tier that cannot be called is skipped and one that fails is passed over, each with
         its reason; a tier nothing judges is accepted."""
         query = query_text(request)
-        asked_logprobs = bool(request.params.get("logprobs"))
         previous: list[tuple[str, str]] = []
         best: _Best | None = None
         for tier in self.tiers[:-1]:
@@ -137,32 +150,16 @@ class CascadeRoute:
             if skip is not None:
                 trace.tiers.append(TierDecision(tier.model, "skipped", threshold=tier.threshold, reason=skip))
                 continue
-            judge = self.judges.get(tier.model)
-            scorer = self.scorer if judge is None and self.scorer is not None and self.scorer.knows(tier.model) \
-                else None
-            wants = scorer is not None and scorer.uses_confidence(tier.model) and not asked_logprobs
-            sent = judge_request(request, judge.settings) if judge is not None else \
-                _with_logprobs(request) if wants else request
             try:
-                result = await self._pool.generate([tier.model], sent, trace)
+                result, score = await self._answer_and_score(tier, request, trace, query, previous)
             except (RouteFailed, RouteUnavailable) as failure:
                 trace.tiers.append(TierDecision(tier.model, "failed", threshold=tier.threshold,
                                                 reason=failure_reason(failure)))
                 continue
-            if judge is not None:
-                score: float | None = judge.score(query, signals_of(result))
-            elif scorer is not None:
-                score = scorer.score(query, result.text, tier.model, confidence_of(result), previous)
-            else:
-                score = None
             accepted = score is None or (tier.threshold is not None and score >= tier.threshold)
             decision = TierDecision(tier.model, "accepted" if accepted else "rejected", score, tier.threshold,
                                     reason=None if accepted else "score")
             trace.tiers.append(decision)
-            if (judge is not None and not asked_logprobs) or wants:
-                result = _without_logprobs(result)
-            elif judge is not None:
-                result = _trim_alternatives(result, request)
             if accepted:
                 trace.model = tier.model
                 trace.accepted = True

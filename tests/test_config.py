@@ -15,7 +15,20 @@ def test_the_packaged_default_is_valid() -> None:
     config = load_config()
     assert config.server.port == 8080 and config.ledger.url.startswith("sqlite:")
     assert [r.name for r in config.routes] == ["frugal/auto"]
+    auto = config.routes[0]
+    assert auto.kind == "cascade" and auto.on_unaccepted == "answer"
+    assert auto.models[0] == "local/smollm2-135m-instruct" and len(auto.models) == 4
     assert config.ledger.store_content is False
+
+
+def test_a_cascade_of_models_is_put_in_price_order() -> None:
+    from gateway.routes import price_order
+
+    config = parse_config("models: [{name: dear, backend: openai/d, input_cost_per_token: 1.0e-5}, "
+                          "{name: cheap, backend: openai/c, input_cost_per_token: 1.0e-7}, "
+                          "{name: free, backend: local/smollm2-135m-instruct}]\n"
+                          "routes: [{name: r, kind: cascade, models: [dear, cheap, free]}]")
+    assert [t.model for t in price_order(config.routes[0].models, config)] == ["free", "cheap", "dear"]
 
 
 @pytest.mark.parametrize(("text", "where"), [

@@ -138,3 +138,17 @@ def test_the_packaged_judge_matches_its_card_and_judges_a_result() -> None:
     assert 0.0 <= judge.score(MMLU, signals) <= 1.0
     assert judge.score("Write a Python function that reverses a string.", signals) == 0.0  # a kind it never saw
     assert json.loads((folder / CARD).read_text()) == card
+
+
+def test_judge_show_prints_the_packaged_card() -> None:
+    import subprocess
+
+    from tests.harness import BIN
+
+    done = subprocess.run([str(BIN / "frugal"), "judge", "show"], capture_output=True, text=True, timeout=60)
+    card = read_card(packaged_judge("local/smollm2-135m-instruct"))  # type: ignore[arg-type]
+    assert done.returncode == 0, done.stderr
+    assert f"threshold {card['threshold']:.4f}" in done.stdout and "| zellinger_mmlu |" in done.stdout
+    missing = subprocess.run([str(BIN / "frugal"), "judge", "show", "--model", "local/nothing"], capture_output=True,
+                             text=True, timeout=60)
+    assert missing.returncode == 2 and "no judge is packaged for local/nothing" in missing.stderr

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -14,7 +13,7 @@ from gateway.cli.common import echo_json, fail, read_grid
 app = typer.Typer(no_args_is_help=True, help="Build and inspect a local model's judge (docs/cascade.md).")
 
 #: How the packaged judge of the default local model was built (docs/cascade.md); the card records it too.
-PER_SPLIT = 125
+PER_SPLIT = 200
 
 
 @app.command("build")
@@ -62,11 +61,14 @@ def judge_build(
     from gateway.cache.embedder import Embedder
 
     outcomes = graded_outcomes(grids, cache, Embedder().embed_many, per_split=per_split or None)
-    command = "frugal judge build " + " ".join(sys.argv[3:]) if sys.argv[1:3] == ["judge", "build"] else None
+    command = (f"frugal judge build --model {model} "
+               + " ".join(f"--data $FRUGAL_DATA_DIR/cascade/{path.name}" for path in data)
+               + f" --per-split {per_split} --samples {samples} --max-tokens {max_tokens} "
+               f"--target-false-accept {target_false_accept:g} --quant {quant} --out DIR")
     card = build(outcomes, out, model=model, settings=settings, target_false_accept=target_false_accept,
                  data={"files": [p.name for p in data], "per_split": per_split or None, "quant": quant,
                        "model_source_sha256": _source_sha(folder), "outcomes_cache": cache.name,
-                       **({"command": command} if command else {})})
+                       "command": command})
     if as_json:
         echo_json(card)
     else:

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.timeout(900)
 LOCAL = "local/smollm2-135m-instruct"
 #: (dataset, query id): a question the packaged judge accepts, and one it rejects (measured scores).
 ACCEPTED = ("overruling", "overruling-1128")
-REJECTED = ("zellinger_mmlu", "mmlu-test-0753")
+REJECTED = ("zellinger_mmlu", "mmlu-train-0206")
 LONG_PROMPT = "Summarise this. " + "The quick brown fox jumps over the lazy dog. " * 40
 
 
