@@ -36,6 +36,7 @@ class RouteContext:
         self.pool = pool
         self._scorers: dict[str, OnnxScorer] = {}
         self._judges: dict[str, LocalJudge] = {}
+        self._embedder: Embedder | None = None
 
     def scorer(self, route: RouteConfig) -> OnnxScorer | None:
         """The route's scorer, loaded once per folder (ONNX Runtime sessions), shared by the routes using it."""
@@ -67,7 +68,7 @@ class RouteContext:
         key = str(folder)
         if key not in self._judges:
             try:
-                self._judges[key] = LocalJudge(folder, embed=self._embedder().embed_many)
+                self._judges[key] = LocalJudge(folder, embed=self.embedder().embed_many)
             except (JudgeError, OSError, KeyError) as exc:
                 raise ConfigError(f"route {route.name!r}, tier {tier.model}: {exc}") from exc
         judge = self._judges[key]
@@ -76,12 +77,13 @@ class RouteContext:
                         judge.model, tier.model, model.backend)
         return judge
 
-    def _embedder(self) -> Embedder:
+    def embedder(self) -> Embedder:
+        """MiniLM for the judges' long-answer agreement, shared by them (loaded on its first text)."""
         from gateway.cache.embedder import Embedder  # noqa: PLC0415
 
-        if not hasattr(self, "_shared_embedder"):
-            self._shared_embedder = Embedder()
-        return self._shared_embedder
+        if self._embedder is None:
+            self._embedder = Embedder()
+        return self._embedder
 
 
 RouteBuilder = Callable[[RouteConfig, RouteContext], Route]

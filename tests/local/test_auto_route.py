@@ -190,3 +190,39 @@ def test_the_embedded_default_with_no_keys_answers_frugal_auto(built: Callable[.
         server.stop()
     log = server.log_path.read_text()
     assert "OPENAI_API_KEY is not set" in log and "judge >=" in log
+
+
+def test_samples_share_the_prompt_and_stay_out_of_the_answer(built: Callable[..., Path]) -> None:
+    """Self-consistency samples: drawn beside the answer from the prompt's cached keys and values, seeded
+    (the same request gets the same samples), counted apart from the client's usage, and never streamed."""
+    import asyncio
+
+    from router.judge import judge_request
+    from scorer.signals import JudgeSettings
+    from workers.backend import GenerationRequest
+    from workers.local.backend import LocalBackend
+
+    backend = LocalBackend(LOCAL, built("int8"), threads=2)
+    question = [{"role": "user", "content": "Name a primary colour. " + "Answer in one word. " * 8}]
+    plain = GenerationRequest("chat", question, params={"temperature": 0, "max_tokens": 8})
+    judged = judge_request(plain, JudgeSettings(samples=3, top_logprobs=4))
+
+    async def run() -> tuple[Any, Any, Any, list[str]]:
+        alone = await backend.generate(plain)
+        cached_before = backend.engine.stats["cached_tokens"]
+        first = await backend.generate(judged)
+        reused = backend.engine.stats["cached_tokens"] - cached_before
+        again = await backend.generate(judged)
+        streamed = [chunk.text async for chunk in backend.stream(judged)]
+        return alone, first, (again, reused), streamed
+
+    try:
+        alone, first, (again, reused), streamed = asyncio.run(run())
+    finally:
+        asyncio.run(backend.aclose())
+    assert len(first.samples) == 3 and first.samples == again.samples and first.sample_tokens > 0
+    assert first.text == alone.text and len(first.choices) == 1  # the answer is the greedy one, alone
+    assert first.usage.completion_tokens == alone.usage.completion_tokens  # samples are not the client's tokens
+    assert all(len(lp.top) == 4 for lp in first.choices[0].logprobs)
+    assert reused >= 3 * 32  # each sample (and the answer, after the plain run) found the prompt's blocks cached
+    assert "".join(streamed) == alone.text
