@@ -28,6 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,19 +101,25 @@ def workload(grids: dict[str, Grid], per_dataset: int) -> list[Query]:
     return [row for group in zip(*chosen, strict=False) for row in group]
 
 
+def renamed_rows(name: str) -> Iterator[dict[str, Any]]:
+    """The pack's rows of the dataset's two stand-in models, renamed tier-mid and tier-top."""
+    mid, top = TIERS[name]
+    rename = {mid: "tier-mid", top: "tier-top"}
+    with gzip.open(data_dir() / f"{name}.jsonl.gz", "rt") as source:
+        for line in source:
+            row = json.loads(line)
+            if row["model"] in rename:
+                row["model"] = rename[row["model"]]
+                yield row
+
+
 def renamed_pack(grids: dict[str, Grid], folder: Path) -> list[Path]:
-    """The pack's rows of the two stand-in models per dataset, renamed tier-mid and tier-top."""
+    """One file per dataset of its renamed rows, for the stand-in."""
     files = []
     for name in grids:
-        mid, top = TIERS[name]
-        rename = {mid: "tier-mid", top: "tier-top"}
         out = folder / f"{name}.jsonl.gz"
-        with gzip.open(data_dir() / f"{name}.jsonl.gz", "rt") as source, gzip.open(out, "wt") as sink:
-            for line in source:
-                row = json.loads(line)
-                if row["model"] in rename:
-                    row["model"] = rename[row["model"]]
-                    sink.write(json.dumps(row) + "\n")
+        with gzip.open(out, "wt") as sink:
+            sink.writelines(json.dumps(row) + "\n" for row in renamed_rows(name))
         files.append(out)
     return files
 
@@ -127,14 +134,9 @@ def fitted_mid_tier(grids: dict[str, Grid], folder: Path) -> dict[str, Any]:
     data = folder / "mixed.jsonl.gz"
     with gzip.open(data, "wt") as sink:
         for name in grids:
-            mid, top = TIERS[name]
-            rename = {mid: "tier-mid", top: "tier-top"}
-            with gzip.open(data_dir() / f"{name}.jsonl.gz", "rt") as source:
-                for line in source:
-                    row = json.loads(line)
-                    if row["model"] in rename:
-                        row.update(model=rename[row["model"]], dataset="mixed", query_id=f"{name}:{row['query_id']}")
-                        sink.write(json.dumps(row) + "\n")
+            for row in renamed_rows(name):
+                row.update(dataset="mixed", query_id=f"{name}:{row['query_id']}")
+                sink.write(json.dumps(row) + "\n")
     # the sources' recorded per-query costs (RouterBench and OVERRULING record no token counts to price)
     fitted = fit_cascade(load_grid(data), folder / "mixed-cascade.yaml",
                          FitOptions(models=["tier-mid", "tier-top"], max_depth=2))
