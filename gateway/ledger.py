@@ -1,8 +1,10 @@
-"""The spend ledger: one row per API request (answered, failed or rejected), in SQL.
+"""The spend ledger: one row per API request (answered, failed or rejected), in SQL, and the labels of
+answers (client feedback, shadow audits) beside them.
 
 Rows are handed to a writer thread and inserted in batches, so the request path never waits on the
 database. If the database is unreachable the writer keeps the rows and retries; rows it still holds
-at shutdown are appended to a JSON-lines spill file, so no request is lost. See docs/ledger.md.
+at shutdown are appended to a JSON-lines spill file, so no request is lost. Labels are written at once
+(`upsert_label`): their writer waits for the answer. See docs/ledger.md.
 """
 
 from __future__ import annotations
@@ -29,12 +31,15 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    UniqueConstraint,
     create_engine,
     event,
     insert,
+    inspect,
     select,
     text,
 )
+from sqlalchemy.dialects import postgresql, sqlite
 
 log = logging.getLogger("frugal.ledger")
 
@@ -68,9 +73,49 @@ requests_table = Table(
     Column("trace", JSON),
     Column("prompt", JSON),
     Column("response", Text),
+    #: "client" (a client's request, billed to its key) or "audit" (a shadow audit of `parent_id`: the
+    #: operator's spend, never a client's).
+    Column("purpose", String(16), nullable=False, server_default="client", index=True),
+    #: Audit rows: the request whose answer was audited.
+    Column("parent_id", String(64), index=True),
+    #: The version of the route's artifacts (judges, thresholds) that answered (cascade routes).
+    Column("route_version", String(64)),
 )
 
 COLUMNS = tuple(str(c.name) for c in requests_table.columns)  # plain str: orjson refuses subclasses
+
+#: Labels of answers: whether the answer a request got (or one a cascade tier gave and rejected) was good.
+labels_table = Table(
+    "frugal_labels",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("request_id", String(64), nullable=False, index=True),
+    #: "client" (POST /v1/feedback), "audit" (the route's top model asked after the answer) or "escalation"
+    #: (a rejected tier's answer compared with the higher tier's answer the client got).
+    Column("source", String(16), nullable=False),
+    #: The model whose answer is labelled.
+    Column("model", String(256), nullable=False),
+    Column("route", String(256)),
+    Column("key_id", String(128)),
+    #: "good" or "bad".
+    Column("label", String(8), nullable=False),
+    #: 0..1: the client's score, or the strength of the audit's agreement.
+    Column("score", Float),
+    Column("comment", Text),
+    #: The client's corrected answer, or the audit's reference answer (only with `ledger.store_content`).
+    Column("correction", Text),
+    #: Audits: how the answers were compared ("choice", "yes_no", "number", "exact", "minilm").
+    Column("method", String(32)),
+    #: The probability that this answer was sampled for labelling (audits: the route's audit rate), so that
+    #: estimates can weight it back (1 for client labels and escalations).
+    Column("sample_rate", Float, nullable=False, server_default="1"),
+    Column("created_at", DateTime(timezone=True), nullable=False, index=True),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("request_id", "source", "model", name="uq_frugal_labels_request_source_model"),
+)
+
+LABEL_FIELDS = ("request_id", "source", "model", "route", "key_id", "label", "score", "comment", "correction",
+                "method", "sample_rate")
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -153,11 +198,47 @@ class Ledger:
         with self.engine.connect() as connection:
             return [dict(r._mapping) for r in connection.execute(query)]
 
+    def request(self, request_id: str) -> dict[str, Any] | None:
+        """The row of a client request (not an audit), or None when none is written."""
+        query = select(requests_table).where(requests_table.c.id == request_id,
+                                             requests_table.c.purpose == "client")
+        with self.engine.connect() as connection:
+            row = connection.execute(query).first()
+        return dict(row._mapping) if row is not None else None
+
+    # -- labels -------------------------------------------------------------------------------------
+    def upsert_label(self, **fields: Any) -> dict[str, Any]:
+        """Write a label, replacing the one with the same (request_id, source, model): a client that sends
+        its feedback twice, or changes its mind, leaves one label. Returns the stored row."""
+        self._ensure_schema()
+        now = datetime.now(UTC)
+        values = {name: fields.get(name) for name in LABEL_FIELDS}
+        values["sample_rate"] = fields.get("sample_rate", 1.0)
+        values.update(created_at=now, updated_at=now)
+        dialect = {"sqlite": sqlite, "postgresql": postgresql}.get(self.engine.dialect.name)
+        key = labels_table.c.request_id, labels_table.c.source, labels_table.c.model
+        with self.engine.begin() as connection:
+            if dialect is not None:
+                statement = dialect.insert(labels_table).values(**values)
+                changes = {k: v for k, v in values.items() if k not in ("request_id", "source", "model", "created_at")}
+                connection.execute(statement.on_conflict_do_update(index_elements=list(key), set_=changes))
+            else:  # another database: a transaction that deletes and inserts
+                connection.execute(labels_table.delete().where(*(c == values[c.name] for c in key)))
+                connection.execute(insert(labels_table).values(**values))
+            row = connection.execute(select(labels_table).where(*(c == values[c.name] for c in key))).one()
+        return dict(row._mapping)
+
+    def labels(self, request_id: str) -> list[dict[str, Any]]:
+        query = select(labels_table).where(labels_table.c.request_id == request_id).order_by(labels_table.c.id)
+        with self.engine.connect() as connection:
+            return [dict(r._mapping) for r in connection.execute(query)]
+
     # -- the writer thread ------------------------------------------------------------------------
     def _ensure_schema(self) -> bool:
         if not self._schema_ready:
             try:
                 metadata.create_all(self.engine)
+                add_missing_columns(self.engine)
                 self._schema_ready = True
             except Exception as exc:
                 self.failures += 1
@@ -228,10 +309,34 @@ class Ledger:
             marker.done.set()
 
 
+def add_missing_columns(engine: Engine) -> list[str]:
+    """Bring a ledger written by an older Frugal up to this schema: columns added since are added (each
+    nullable or with a default, so old rows stay valid). Returns what was added."""
+    added = []
+    inspector = inspect(engine)
+    for table in metadata.sorted_tables:
+        present = {c["name"] for c in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name in present:
+                continue
+            kind = column.type.compile(dialect=engine.dialect)
+            default = f" DEFAULT {column.server_default.arg!r}".replace('"', "'") if column.server_default else ""
+            not_null = " NOT NULL" if not column.nullable and default else ""
+            statement = f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}{default}{not_null}'
+            with engine.begin() as connection:
+                connection.execute(text(statement))
+            added.append(f"{table.name}.{column.name}")
+    if added:
+        log.warning("ledger schema brought up to date: added %s", ", ".join(added))
+    return added
+
+
 def ledger_row(**fields: Any) -> dict[str, Any]:
     """A complete row: every column present, timestamps in UTC."""
     row = dict.fromkeys(COLUMNS)
     row.update(fields)
     if row["created_at"] is None:
         row["created_at"] = datetime.now(UTC)
+    if row["purpose"] is None:
+        row["purpose"] = "client"
     return row

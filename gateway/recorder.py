@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from gateway.estimates import LiveEstimates
 from gateway.ledger import Ledger, ledger_row
 from gateway.metrics import GatewayMetrics
 from router.trace import DecisionTrace
@@ -65,10 +66,12 @@ class RequestRecord:
 
 
 class Recorder:
-    def __init__(self, ledger: Ledger, metrics: GatewayMetrics, store_content: bool) -> None:
+    def __init__(self, ledger: Ledger, metrics: GatewayMetrics, store_content: bool,
+                 estimates: LiveEstimates | None = None) -> None:
         self.ledger = ledger
         self.metrics = metrics
         self.store_content = store_content
+        self.estimates = estimates
 
     def start(self, request_id: str, endpoint: str) -> RequestRecord:
         """A new request: counted in flight until `finish`."""
@@ -118,6 +121,7 @@ class Recorder:
             trace=trace.to_dict() if trace else None,
             prompt=record.prompt if self.store_content else None,
             response=record.response if self.store_content else None,
+            route_version=trace.version if trace else None,
         ))
 
     def _metrics(self, record: RequestRecord, latency_s: float) -> None:
@@ -160,6 +164,8 @@ class Recorder:
 
     def _cascade_metrics(self, route: str, trace: DecisionTrace) -> None:
         m = self.metrics
+        if self.estimates is not None:
+            self.estimates.request(route, trace.to_dict())
         m.cascade_depth.labels(route).observe(len(trace.tiers))
         accepted = trace.accepted_tier
         if accepted is not None:

@@ -40,6 +40,8 @@ def cascade_headers(trace: DecisionTrace) -> dict[str, str]:
         headers["x-frugal-tier-accepted"] = str(accepted)
     if trace.saved_usd is not None:
         headers["x-frugal-saved-usd"] = f"{trace.saved_usd:.10f}"
+    if trace.version is not None:
+        headers["x-frugal-route-version"] = trace.version
     return headers
 
 

@@ -17,6 +17,7 @@ settles: each tier's cost and latency, and the saving against the route's most e
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import replace
@@ -31,6 +32,7 @@ from router.trace import DecisionTrace, TierDecision
 from workers.backend import GenerationRequest, GenerationResult, Usage
 from workers.errors import BackendError, FailureKind
 from workers.openai_format import content_text
+from workers.pricing import TokenPrice
 
 
 class Scorer(Protocol):
@@ -103,39 +105,65 @@ def failure_reason(failure: RouteFailed | RouteUnavailable) -> str:
     return _FAILURE_REASONS.get(failure.last.kind, "error")
 
 
+def content_version(tiers: Sequence[Tier], judges: Mapping[str, TierJudge]) -> str:
+    """8 hex digits that change whenever a tier, a threshold or a judge does."""
+    parts = [f"{t.model}|{t.threshold!r}|{getattr(judges.get(t.model), 'version', '')}" for t in tiers]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:8]
+
+
 class CascadeRoute:
     """A `Route` whose tiers are judged: by the tier's own judge (`judges`, e.g. a local model's), else by
     `scorer` where it knows the model; a tier neither judges is accepted, as the last tier always is."""
 
     def __init__(self, name: str, tiers: Sequence[Tier], scorer: Scorer | None, pool: ModelPool, *,
-                 judges: Mapping[str, TierJudge] | None = None, on_unaccepted: OnUnaccepted = "answer") -> None:
+                 judges: Mapping[str, TierJudge] | None = None, on_unaccepted: OnUnaccepted = "answer",
+                 label: str = "config") -> None:
         self.name = name
         self.tiers = tuple(tiers)
         self.scorer = scorer
         self.judges = dict(judges or {})
         self.on_unaccepted = on_unaccepted
         self._pool = pool
+        #: Which artifacts decide (recorded on every request): where they came from ("config", or an artifact
+        #: version such as "v0003") and a hash of the tiers, thresholds and judges.
+        self.version = f"{label}-{content_version(self.tiers, self.judges)}"
 
     @property
     def models(self) -> list[str]:
         return [t.model for t in self.tiers]
 
+    @property
+    def top_model(self) -> str:
+        """The last tier's model: the reference an audit asks."""
+        return self.tiers[-1].model
+
+    def price(self, model: str) -> TokenPrice:
+        return self._pool.price(model)
+
+    async def ask_top(self, request: GenerationRequest, trace: DecisionTrace) -> GenerationResult:
+        """The top tier's answer to `request`, outside the cascade (a shadow audit: `gateway.audits`)."""
+        return await self._pool.generate([self.top_model], request, trace)
+
     async def _answer_and_score(self, tier: Tier, request: GenerationRequest, trace: DecisionTrace, query: str,
-                                previous: list[tuple[str, str]]) -> tuple[GenerationResult, float | None]:
-        """The tier's answer (as the client may see it) and its score: by the tier's judge, else by the
-        route's scorer when it knows the model, else None (nothing judges it). Raises the pool's failures."""
+                                previous: list[tuple[str, str]]) -> tuple[GenerationResult, TierDecision]:
+        """The tier's answer (as the client may see it) and its decision so far: the score by the tier's
+        judge (with the judge's version and the features it read), else by the route's scorer when it knows
+        the model, else None (nothing judges it). Raises the pool's failures."""
         asked_logprobs = bool(request.params.get("logprobs"))
         judge = self.judges.get(tier.model)
+        decision = TierDecision(tier.model, "rejected", threshold=tier.threshold)
         if judge is not None:
             result = await self._pool.generate([tier.model], judge_request(request, judge.settings), trace)
-            score = judge.score(query, signals_of(result))
-            return (_trim_alternatives(result, request) if asked_logprobs else _without_logprobs(result)), score
+            score, features = judge.assess(query, signals_of(result))
+            decision.score, decision.judge = score, judge.version
+            decision.features = [round(float(f), 5) for f in features]
+            return (_trim_alternatives(result, request) if asked_logprobs else _without_logprobs(result)), decision
         if self.scorer is None or not self.scorer.knows(tier.model):
-            return await self._pool.generate([tier.model], request, trace), None
+            return await self._pool.generate([tier.model], request, trace), decision
         wants = self.scorer.uses_confidence(tier.model) and not asked_logprobs
         result = await self._pool.generate([tier.model], _with_logprobs(request) if wants else request, trace)
-        score = self.scorer.score(query, result.text, tier.model, confidence_of(result), previous)
-        return (_without_logprobs(result) if wants else result), score
+        decision.score = self.scorer.score(query, result.text, tier.model, confidence_of(result), previous)
+        return (_without_logprobs(result) if wants else result), decision
 
     async def _judged_tiers(self, request: GenerationRequest,
                             trace: DecisionTrace) -> tuple[GenerationResult | None, _Best | None]:
@@ -151,15 +179,16 @@ class CascadeRoute:
                 trace.tiers.append(TierDecision(tier.model, "skipped", threshold=tier.threshold, reason=skip))
                 continue
             try:
-                result, score = await self._answer_and_score(tier, request, trace, query, previous)
+                result, decision = await self._answer_and_score(tier, request, trace, query, previous)
             except (RouteFailed, RouteUnavailable) as failure:
                 trace.tiers.append(TierDecision(tier.model, "failed", threshold=tier.threshold,
                                                 reason=failure_reason(failure)))
                 continue
+            score = decision.score
             accepted = score is None or (tier.threshold is not None and score >= tier.threshold)
-            decision = TierDecision(tier.model, "accepted" if accepted else "rejected", score, tier.threshold,
-                                    reason=None if accepted else "score")
+            decision.outcome, decision.reason = ("accepted", None) if accepted else ("rejected", "score")
             trace.tiers.append(decision)
+            trace.answers[tier.model] = result.text
             if accepted:
                 trace.model = tier.model
                 trace.accepted = True
@@ -171,6 +200,7 @@ class CascadeRoute:
         return None, best
 
     async def generate(self, request: GenerationRequest, trace: DecisionTrace) -> GenerationResult:
+        trace.version = self.version
         result, best = await self._judged_tiers(request, trace)
         if result is None:
             result = await self._last_tier(request, trace, best,
@@ -180,6 +210,7 @@ class CascadeRoute:
 
     async def open_stream(self, request: GenerationRequest, trace: DecisionTrace) -> RouteStream:
         """A stream of the accepted answer; the route settles when it has finished."""
+        trace.version = self.version
         accepted, best = await self._judged_tiers(request, trace)
         stream: RouteStream | None = None
         if accepted is None:

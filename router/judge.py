@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Protocol
 
+import numpy as np
+
 from scorer.signals import AnswerSignals, JudgeSettings
 from workers.backend import GenerationRequest, GenerationResult
 
@@ -41,5 +43,9 @@ class TierJudge(Protocol):
     """P(correct) of one tier's answer from the answer itself and its signals."""
 
     settings: JudgeSettings
+    #: Which judge (an artifact's content hash): recorded with each score.
+    version: str
 
-    def score(self, query: str, signals: AnswerSignals) -> float: ...
+    def assess(self, query: str, signals: AnswerSignals) -> tuple[float, np.ndarray]:
+        """The score and the feature vector it was computed from."""
+        ...

@@ -45,6 +45,9 @@ class TierDecision:
     #: request needs tools, images, audio or files it cannot take), "no_key" (its API key is not set) or
     #: "cooldown" (it failed repeatedly just now). None for the tier that answered.
     reason: str | None = None
+    #: Tiers judged by a judge: which judge (its version), and the features it read (for retraining it).
+    judge: str | None = None
+    features: list[float] | None = None
 
 
 @dataclass(slots=True)
@@ -85,6 +88,11 @@ class DecisionTrace:
     cache: dict[str, Any] | None = None
     #: Prompt compression applied (or declined) before the models that answered.
     compressions: list[CompressionRecord] = field(default_factory=list)
+    #: Cascade routes: the version of the route's artifacts (judges, thresholds) that decided.
+    version: str | None = None
+    #: Cascade routes: each tier's answer text while the request lives (what audits compare); never
+    #: serialised into the ledger.
+    answers: dict[str, str] = field(default_factory=dict, repr=False)
 
     @classmethod
     def cache_hit(cls, route: str, model: str, cache: dict[str, Any]) -> DecisionTrace:
@@ -98,6 +106,7 @@ class DecisionTrace:
         self.tiers += other.tiers
         self.compressions += other.compressions
         self.model = other.model or self.model
+        self.version = other.version or self.version
         if other.accepted is not None:
             self.accepted = other.accepted if self.accepted is None else self.accepted and other.accepted
         if other.saved_usd is not None:
@@ -142,6 +151,8 @@ class DecisionTrace:
         }
         if self.cache is not None:
             body["cache"] = self.cache
+        if self.version is not None:
+            body["version"] = self.version
         if self.tiers:
             body["tiers"] = [asdict(t) for t in self.tiers]
             body["accepted_tier"] = self.accepted_tier

@@ -62,6 +62,8 @@ class LocalJudge:
         if hashlib.sha256(onnx_bytes).hexdigest() != self.card["onnx_sha256"]:
             raise JudgeError(f"{self.folder / MODEL} does not match its card (sha256)")
         self.settings = JudgeSettings.from_json(self.card["settings"])
+        #: Which judge this is (its ONNX file's SHA-256, first 12 digits): recorded with every score it gives.
+        self.version = str(self.card["onnx_sha256"])[:12]
         self.threshold = float(self.card["threshold"])
         self.model = str(self.card["model"])
         #: The kinds of task the judge has seen graded outcomes for; it never vouches for others.
@@ -78,8 +80,26 @@ class LocalJudge:
 
     def score(self, query: str, signals: AnswerSignals) -> float:
         """P(correct) of the answer; 0 for a query of a kind the judge has not seen graded."""
+        return self.assess(query, signals)[0]
+
+    def assess(self, query: str, signals: AnswerSignals) -> tuple[float, np.ndarray]:
+        """The score and the features it was computed from (kept in the trace, so that a judge can be
+        trained again on a deployment's own labelled traffic: `frugal judge retrain`)."""
+        vector = features(query, signals, self._embed, self._use_samples)
         if task_kind(query) not in self.kinds:
-            return 0.0
-        vector = features(query, signals, self._embed, self._use_samples).reshape(1, -1)
-        (probabilities,) = self._session.run([self._output], {self._input: vector})
-        return float(np.asarray(probabilities)[0, -1])
+            return 0.0, vector
+        return self.score_features(vector.reshape(1, -1))[0], vector
+
+    def score_features(self, rows: np.ndarray) -> list[float]:
+        """P(correct) for feature rows (one per answer, `FEATURE_NAMES` order); 0 for rows of a kind the judge
+        never vouches for."""
+        rows = np.asarray(rows, dtype=np.float32).reshape(-1, len(FEATURE_NAMES))
+        (probabilities,) = self._session.run([self._output], {self._input: rows})
+        scores = np.asarray(probabilities)[:, -1].astype(float)
+        kinds = [name.removeprefix("kind_") for name in FEATURE_NAMES if name.startswith("kind_")]
+        first = FEATURE_NAMES.index(f"kind_{kinds[0]}")
+        for i, row in enumerate(rows):
+            kind = kinds[int(np.argmax(row[first:first + len(kinds)]))]
+            if kind not in self.kinds:
+                scores[i] = 0.0
+        return [float(x) for x in scores]

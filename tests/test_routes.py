@@ -307,11 +307,14 @@ class FixedJudge:
 
         self.settings = JudgeSettings(samples=samples, top_logprobs=5)
         self.fixed = score
+        self.version = f"fixed-{score}"
         self.judged: list[str] = []
 
-    def score(self, query: str, result: Any) -> float:
+    def assess(self, query: str, result: Any) -> tuple[float, Any]:
+        import numpy as np
+
         self.judged.append(result.text)
-        return self.fixed
+        return self.fixed, np.array([self.fixed, len(result.text)])
 
 
 def judged(score: float, *backends: FakeBackend, on_unaccepted: str = "answer",

@@ -16,9 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 
 from scorer.fit.outcomes import messages_of
+from scorer.judge import LocalJudge, packaged_judge
+from scorer.signals import FEATURE_NAMES
 from tests.harness import API_KEY, BIN, Gateway, Service, data_file, free_port, standin, write_dataset
 
 pytestmark = pytest.mark.timeout(900)
@@ -94,6 +97,12 @@ def test_an_answer_the_judge_accepts_stays_local(cascade_gateway: Gateway, quest
     row = cascade_gateway.ledger_row(h["x-request-id"])
     assert row["trace"]["accepted"] is True and row["trace"]["tiers"][0]["score"] == pytest.approx(
         float(h["x-frugal-scores"]), abs=1e-4)
+    # what retraining reads back (docs/learning.md): the judge's version and the features it scored
+    tier = row["trace"]["tiers"][0]
+    judge = LocalJudge(packaged_judge(LOCAL))  # type: ignore[arg-type]
+    assert tier["judge"] == judge.version and len(tier["features"]) == len(FEATURE_NAMES)
+    assert judge.score_features(np.array([tier["features"]]))[0] == pytest.approx(tier["score"], abs=1e-3)
+    assert row["route_version"] == h["x-frugal-route-version"] and row["route_version"].startswith("config-")
 
 
 def test_an_answer_the_judge_rejects_climbs_with_its_reason(cascade_gateway: Gateway,
