@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -11,11 +13,16 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
+from gateway.admin import AdminGuard, admin_routes
+from gateway.artifacts import ArtifactStore
+from gateway.audits import Auditor
 from gateway.auth import KeyStore
 from gateway.backends import BackendRegistry, default_backends
 from gateway.cache.setup import build_response_cache
 from gateway.completions import CompletionsEndpoint
 from gateway.errors import install_error_handlers
+from gateway.estimates import LiveEstimates
+from gateway.feedback import FeedbackEndpoint
 from gateway.ledger import Ledger
 from gateway.metrics import GatewayMetrics
 from gateway.model_list import model_routes
@@ -25,6 +32,7 @@ from gateway.ratelimit import RateLimiter
 from gateway.recorder import Recorder
 from gateway.routes import build_router
 from gateway.settings import FrugalConfig
+from gateway.swaps import RouteSwitch
 from workers import tokens
 from workers.backend import Backend
 
@@ -41,7 +49,7 @@ def create_app(config: FrugalConfig, *, backends: dict[str, Backend] | None = No
     ledger = Ledger(config.ledger.url, config.ledger.spill_path)
     kinds = registry or default_backends()
     built = backends if backends is not None else {m.name: kinds.build(m) for m in config.models}
-    router = build_router(config, built)
+    router, context = build_router(config, built)
     keys = KeyStore(config.auth, config.limits.requests_per_minute)
     if config.auth.required and not len(keys):
         log.warning("auth is required but no key is usable: every request will get 401 "
@@ -49,16 +57,32 @@ def create_app(config: FrugalConfig, *, backends: dict[str, Backend] | None = No
     metrics.watch_local_engines({name: backend.stats for name, backend in built.items()
                                  if callable(getattr(backend, "stats", None))})
     cache = build_response_cache(config.cache)
+    estimates = LiveEstimates()
+    metrics.watch(estimates)
+    switch = RouteSwitch(context, router, ArtifactStore(config.artifacts.dir))
+    switch.load_current()
+    auditor = Auditor(config, ledger, metrics, estimates, embed=lambda: context.embedder().embed_many)
     endpoint = CompletionsEndpoint(
         keys=keys,
         limiter=RateLimiter(),
         router=router,
-        recorder=Recorder(ledger, metrics, config.ledger.store_content),
+        recorder=Recorder(ledger, metrics, config.ledger.store_content, estimates),
         max_body_bytes=config.limits.max_body_bytes,
         default_timeout_s=max((m.timeout_s for m in config.models), default=60.0),
         store_content=config.ledger.store_content,
         cache=cache,
+        auditor=auditor,
     )
+    feedback = FeedbackEndpoint(keys, ledger, metrics, config.ledger.store_content, config.limits.max_body_bytes)
+
+    async def watch_artifacts(interval_s: float) -> None:
+        """Follow the artifact store: a promotion or rollback made elsewhere is served within `interval_s`."""
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await run_in_threadpool(switch.poll)
+            except Exception:
+                log.exception("looking at the artifact store failed")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -68,11 +92,20 @@ def create_app(config: FrugalConfig, *, backends: dict[str, Backend] | None = No
         await run_in_threadpool(tokens.load)
         if cache is not None and cache.semantic is not None:
             await run_in_threadpool(cache.semantic.embedder.load)  # fail at start, not on a first request
+        await run_in_threadpool(auditor.load)
+        auditor.announce()
+        watcher = (asyncio.get_running_loop().create_task(watch_artifacts(config.artifacts.watch_interval_s))
+                   if config.artifacts.watch_interval_s > 0 and switch.live else None)
         log.info("frugal gateway ready: %d models, %d routes, ledger %s", len(config.models),
                  len(config.routes), ledger.engine.url.render_as_string())
         try:
             yield
         finally:
+            if watcher is not None:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
+            await auditor.drain()
             for backend in built.values():
                 await backend.aclose()
             if cache is not None:
@@ -84,6 +117,8 @@ def create_app(config: FrugalConfig, *, backends: dict[str, Backend] | None = No
     app.state.ledger = ledger
     app.state.metrics = metrics
     app.state.router = router
+    app.state.switch = switch
+    app.state.auditor = auditor
     install_error_handlers(app)
     install_openapi(app)
 
@@ -95,6 +130,11 @@ def create_app(config: FrugalConfig, *, backends: dict[str, Backend] | None = No
     async def completions(request: Request) -> Response:
         return await endpoint.handle(request, "completion")
 
+    @app.post("/v1/feedback")
+    async def post_feedback(request: Request) -> Response:
+        return await feedback.handle(request)
+
+    app.include_router(admin_routes(AdminGuard(keys), switch, ledger, estimates, config.limits.max_body_bytes))
     app.include_router(model_routes([m.name for m in config.models] + [r.name for r in config.routes], keys))
     app.include_router(operations_routes(ledger, router.pool.cooldown, metrics))
     return app

@@ -11,9 +11,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import anyio
+from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from gateway.audits import Answered, Auditor
 from gateway.auth import KeyStore
 from gateway.cache.directives import parse_cache_control
 from gateway.cache.entry import CachedResponse
@@ -25,12 +27,13 @@ from gateway.recorder import Recorder, RequestRecord
 from gateway.requests import ParsedRequest, parse_request, read_json
 from gateway.responses import SSEWriter, completion_body
 from gateway.trace_headers import trace_headers
+from router.cascade import CascadeRoute
 from router.failures import RouteFailed, RouteIncapable, RouteUnavailable
 from router.prompts import answer_each_prompt
-from router.route import Router
+from router.route import Route, Router
 from router.stream import RouteStream
 from router.trace import DecisionTrace
-from workers.backend import GenerationResult, RequestKind, StreamChunk
+from workers.backend import GenerationRequest, GenerationResult, RequestKind, StreamChunk
 from workers.errors import BackendError
 from workers.openai_format import as_deltas
 
@@ -67,7 +70,7 @@ class SettledStreamingResponse(StreamingResponse):
 class CompletionsEndpoint:
     def __init__(self, *, keys: KeyStore, limiter: RateLimiter, router: Router, recorder: Recorder,
                  max_body_bytes: int, default_timeout_s: float, store_content: bool,
-                 cache: ResponseCache | None = None) -> None:
+                 cache: ResponseCache | None = None, auditor: Auditor | None = None) -> None:
         self.keys = keys
         self.limiter = limiter
         self.router = router
@@ -76,6 +79,7 @@ class CompletionsEndpoint:
         self.default_timeout_s = default_timeout_s
         self.store_content = store_content
         self.cache = cache
+        self.auditor = auditor
         self.ids = RequestIds()
 
     async def handle(self, request: Request, kind: RequestKind) -> Response:
@@ -115,7 +119,8 @@ class CompletionsEndpoint:
                 stream = await route.open_stream(generation, trace)
                 record.ttft_s = time.perf_counter() - record.started
                 handed_to_stream = True
-                return self._streaming_response(kind, parsed, stream, record, lookup)
+                after = self._after_answer(record, route, generation)
+                return self._streaming_response(kind, parsed, stream, record, lookup, after)
             if len(parsed.prompts) > 1:
                 result = await answer_each_prompt(route, generation, parsed.prompts, trace)
             else:
@@ -123,6 +128,10 @@ class CompletionsEndpoint:
             response = self._complete(kind, parsed, result, record)
             if lookup is not None:
                 await self._save(lookup, CachedResponse.from_result(result, record.cost_usd))
+            if len(parsed.prompts) == 1:
+                after = self._after_answer(record, route, generation)
+                if after is not None:
+                    response.background = BackgroundTask(after)  # runs once the body has been sent
             return response
         except (RouteFailed, RouteUnavailable, RouteIncapable) as failure:
             error = error_for(failure)
@@ -134,6 +143,20 @@ class CompletionsEndpoint:
         finally:
             if not handed_to_stream:
                 self.recorder.finish(record)
+
+    def _after_answer(self, record: RequestRecord, route: Route, generation: GenerationRequest,
+                      ) -> Callable[[], Awaitable[None]] | None:
+        """What runs once the client has the whole answer: audits and labels (`gateway.audits`), or None."""
+        auditor = self.auditor
+        if auditor is None or not isinstance(route, CascadeRoute) or route.name not in auditor.learning:
+            return None
+
+        async def after() -> None:
+            if record.status == 200 and record.trace is not None and record.response is not None:
+                auditor.after(Answered(record.request_id, record.key_id, record.endpoint, route, generation,
+                                       record.trace, record.response, record.usage.prompt_tokens))
+
+        return after
 
     def _headers(self, record: RequestRecord) -> dict[str, str]:
         headers = {"x-request-id": record.request_id}
@@ -197,7 +220,8 @@ class CompletionsEndpoint:
         return Response(content, media_type="application/json", headers=headers)
 
     def _streaming_response(self, kind: RequestKind, parsed: ParsedRequest, stream: RouteStream,
-                            record: RequestRecord, lookup: CacheLookup | None) -> StreamingResponse:
+                            record: RequestRecord, lookup: CacheLookup | None,
+                            after: Callable[[], Awaitable[None]] | None = None) -> StreamingResponse:
         writer = SSEWriter(kind, _response_id(kind, record), int(time.time()), stream.model, parsed.include_usage,
                            len(parsed.generation.prompt))
         n = int(parsed.generation.params.get("n", 1))
@@ -211,12 +235,13 @@ class CompletionsEndpoint:
                 record.spent(stream.usage, stream.cost_usd, stream.text)
                 self.recorder.finish(record)
 
-        return SettledStreamingResponse(self._frames(writer, n, stream, record, lookup), settle,
+        return SettledStreamingResponse(self._frames(writer, n, stream, record, lookup, after), settle,
                                         media_type="text/event-stream",
                                         headers={**self._headers(record), "cache-control": "no-cache"})
 
     async def _frames(self, writer: SSEWriter, n: int, stream: RouteStream, record: RequestRecord,
-                      lookup: CacheLookup | None) -> AsyncIterator[bytes]:
+                      lookup: CacheLookup | None, after: Callable[[], Awaitable[None]] | None,
+                      ) -> AsyncIterator[bytes]:
         sent = False
         try:
             if writer.kind == "chat":
@@ -231,6 +256,8 @@ class CompletionsEndpoint:
                 await self._save(lookup, CachedResponse(stream.model, stream.choices(), stream.usage,
                                                         stream.cost_usd))
             yield SSEWriter.DONE
+            if after is not None:  # the last frame has been sent
+                await after()
         except BackendError as failure:
             error = error_for(failure)
             record.failed(error.status, error.code)

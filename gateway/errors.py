@@ -140,6 +140,11 @@ def install_error_handlers(app: FastAPI) -> None:
         return APIError(500, "The gateway failed unexpectedly; the error has been logged.",
                         type="server_error", code="internal_error").response()
 
+    async def api_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, APIError)
+        return exc.response()
+
+    app.add_exception_handler(APIError, api_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(Exception, unexpected)

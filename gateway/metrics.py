@@ -63,8 +63,19 @@ class GatewayMetrics:
                                          "compression (removed tokens x input price)", ["model"], registry=r)
         self.compression_latency = Histogram("frugal_compression_duration_seconds", "Time spent compressing a "
                                              "prompt", ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.feedback = Counter("frugal_labels", "Labels of answers by source (client, audit, escalation) and "
+                                "label (good, bad)", ["route", "source", "label"], registry=r)
+        self.audits = Counter("frugal_audits", "Shadow audits of accepted lower-tier answers by the tier audited and "
+                              "outcome (agree, disagree, unusable, failed, skipped_budget, skipped_busy)",
+                              ["route", "model", "outcome"], registry=r)
+        self.audit_spend = Counter("frugal_audit_spend_usd", "USD spent on shadow audits (the operator's, never "
+                                   "billed to a client key)", ["route"], registry=r)
         self.ledger_written = Gauge("frugal_ledger_rows_written", "Ledger rows written by this process",
                                     registry=r)
+
+    def watch(self, collector: object) -> None:
+        """Export a collector read at each scrape (e.g. `gateway.estimates.LiveEstimates`)."""
+        self.registry.register(collector)  # type: ignore[arg-type]
 
     def watch_local_engines(self, stats: Mapping[str, Callable[[], Mapping[str, float]]]) -> None:
         """Export the state of local models' engines (model name -> its `stats()`), read at each scrape."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 
 from gateway.request_shapes import (
@@ -189,8 +189,37 @@ class Readiness(BaseModel):
     models_in_cooldown: list[str]
 
 
+class FeedbackRequest(BaseModel):
+    """`POST /v1/feedback`: whether an answer was good (docs/gateway.md, "Feedback"). Send `label` or `score`."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"anyOf": [{"required": ["label"]},
+                                                                          {"required": ["score"]}]})
+
+    #: The answer's `x-request-id` header, or its body's `id`.
+    request_id: str = Field(min_length=1, max_length=73)
+    label: Literal["good", "bad"] | None = None
+    #: 0 to 1; 0.5 or more is good.
+    score: float | None = Field(default=None, ge=0, le=1)
+    comment: str | None = Field(default=None, max_length=4096)
+    #: The right answer (kept only when the gateway stores content).
+    correction: str | None = Field(default=None, max_length=65536)
+
+
+class Feedback(BaseModel):
+    object: Literal["feedback"]
+    request_id: str
+    source: Literal["client"]
+    model: str
+    label: Literal["good", "bad"]
+    score: float
+    comment: str | None
+    correction_stored: bool
+    created_at: int
+    updated_at: int
+
+
 MODELS = (ChatCompletionRequest, CompletionRequest, ChatCompletion, Completion, ChatCompletionChunk, CompletionChunk,
-          ModelList, Model, ErrorResponse, Health, Readiness)
+          ModelList, Model, ErrorResponse, Health, Readiness, FeedbackRequest, Feedback)
 
 #: The statuses each kind of operation may answer besides 200, with what they mean (docs/gateway.md).
 _ERRORS = {
@@ -201,6 +230,9 @@ _ERRORS = {
                    "502": "The providers failed", "503": "The models are cooling down or overloaded, or too many "
                    "connections are open", "504": "No answer in time"},
     "model": {"401": "No or an unknown API key", "404": "Unknown model"},
+    "feedback": {"400": "The body is invalid (the error names the field)", "401": "No or an unknown API key",
+                 "404": "No request with this id was made with this key", "409": "The request got no answer to label",
+                 "413": "The body is too large"},
 }
 
 
@@ -260,6 +292,12 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
             "summary": "One configured model or route", "operationId": "retrieveModel", "security": [{"bearer": []}],
             "parameters": [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}],
             "responses": {"200": {"description": "The model", "content": _json("Model")}, **_errors("model")}}},
+        "/v1/feedback": {"post": {
+            "summary": "Label an answer good or bad (once per request; sending again replaces the label)",
+            "operationId": "createFeedback", "security": [{"bearer": []}],
+            "requestBody": {"required": True, "content": _json("FeedbackRequest")},
+            "responses": {"200": {"description": "The label as stored", "content": _json("Feedback")},
+                          **_errors("feedback")}}},
         "/healthz": {"get": {"summary": "The process is up", "operationId": "health", "responses": {
             "200": {"description": "Up", "content": _json("Health")}}}},
         "/readyz": {"get": {"summary": "The ledger answers; which models are cooling down", "operationId": "ready",

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from gateway.artifacts import CONFIG, RouteArtifact
 from gateway.compression import build_compression
 from gateway.settings import ConfigError, FrugalConfig, RouteConfig, TierConfig
 from router.cascade import CascadeRoute
@@ -103,10 +104,24 @@ def price_order(models: list[str], config: FrugalConfig) -> list[TierConfig]:
     return [TierConfig(model=m) for m in sorted(models, key=price)]
 
 
-def build_cascade(route: RouteConfig, context: RouteContext) -> Route:
-    """A cascade route: each tier judged by its judge, else by the route's scorer, else accepted."""
+def artifact_tiers(artifact: RouteArtifact) -> list[TierConfig]:
+    """An artifact's tiers as configured tiers ("packaged": the model's packaged judge)."""
+    return [TierConfig(model=t.model, threshold=t.threshold, judge=None if t.judge == "packaged" else t.judge)
+            for t in artifact.tiers]
+
+
+def build_cascade(route: RouteConfig, context: RouteContext, artifact: RouteArtifact | None = None) -> CascadeRoute:
+    """A cascade route: each tier judged by its judge, else by the route's scorer, else accepted. With an
+    `artifact` (a promoted version, `gateway.artifacts`), its tiers, thresholds and judges replace the
+    configured ones; it may not name models the route does not have."""
     scorer = context.scorer(route)
     configured = route.tiers or price_order(route.models, context.config)
+    if artifact is not None:
+        unknown = sorted({t.model for t in artifact.tiers} - set(route.members))
+        if unknown:
+            raise ConfigError(f"route {route.name!r}, artifact {artifact.version}: names models the route does "
+                              f"not have: {', '.join(unknown)}")
+        configured = artifact_tiers(artifact)
     judges: dict[str, LocalJudge] = {}
     tiers: list[Tier] = []
     for index, tier in enumerate(configured):
@@ -125,7 +140,8 @@ def build_cascade(route: RouteConfig, context: RouteContext) -> Route:
             raise ConfigError(f"route {route.name!r}: tier {tier.model} has a threshold, but neither a judge nor "
                               f"the route's scorer knows it (every tier but the last is judged by one of them)")
         tiers.append(Tier(tier.model, threshold))
-    log.info("route %s: cascade %s (when no tier accepts: %s)", route.name,
+    log.info("route %s%s: cascade %s (when no tier accepts: %s)", route.name,
+             f" (artifact {artifact.version})" if artifact is not None else "",
              " -> ".join(t.model + (f" (judge >= {t.threshold:.3f})" if t.threshold is not None else
                                     " (unjudged)" if i < len(tiers) - 1 else " (last)")
                          for i, t in enumerate(tiers)), route.on_unaccepted)
@@ -133,7 +149,8 @@ def build_cascade(route: RouteConfig, context: RouteContext) -> Route:
                if (m := context.config.model(t.model)).api_key_env and m.resolved_api_key() is None]
     if missing:
         log.warning("route %s: tiers skipped until their keys are set: %s", route.name, ", ".join(missing))
-    return CascadeRoute(route.name, tiers, scorer, context.pool, judges=judges, on_unaccepted=route.on_unaccepted)
+    return CascadeRoute(route.name, tiers, scorer, context.pool, judges=judges, on_unaccepted=route.on_unaccepted,
+                        label=artifact.version if artifact is not None else CONFIG)
 
 
 ROUTE_KINDS: dict[str, RouteBuilder] = {"fallback": build_fallback, "cascade": build_cascade}
@@ -151,9 +168,10 @@ def build_pool(config: FrugalConfig, backends: dict[str, Backend]) -> ModelPool:
     )
 
 
-def build_router(config: FrugalConfig, backends: dict[str, Backend]) -> Router:
-    """The router over `backends`, with every configured route. Raises `ConfigError` when a route cannot
-    be built (e.g. a cascade's scorer cannot be loaded)."""
+def build_router(config: FrugalConfig, backends: dict[str, Backend]) -> tuple[Router, RouteContext]:
+    """The router over `backends`, with every configured route, and the context that built it (to build
+    routes again: `gateway.swaps`). Raises `ConfigError` when a route cannot be built (e.g. a cascade's
+    scorer cannot be loaded)."""
     pool = build_pool(config, backends)
     context = RouteContext(config, pool)
-    return Router(pool, {route.name: ROUTE_KINDS[route.kind](route, context) for route in config.routes})
+    return Router(pool, {route.name: ROUTE_KINDS[route.kind](route, context) for route in config.routes}), context

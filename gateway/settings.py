@@ -160,6 +160,25 @@ class TierConfig(_Strict):
     judge: str | None = None
 
 
+class LearningConfig(_Strict):
+    """How a cascade route learns from its own traffic (docs/learning.md): shadow audits of accepted answers,
+    and the target that retraining and threshold refits must hold."""
+
+    #: Fraction of the answers a lower tier gave and its judge accepted that are also sent to the route's top
+    #: tier after the client has its answer; the two answers are compared and the verdict is a label.
+    audit_rate: float = Field(default=0.0, ge=0, le=1)
+    #: USD per UTC day that audits may spend (the operator's spend, never billed to a client key).
+    audit_budget_usd: float = Field(default=1.0, ge=0)
+    #: Longest answer an audit asks the top tier for (bounds what one audit can cost).
+    audit_max_tokens: int = Field(default=256, ge=1)
+    #: Label a rejected tier's answer by comparing it with the higher tier's answer the client got (free:
+    #: no model is called), so that retraining sees rejected answers too.
+    label_escalations: bool = True
+    #: The share of accepted lower-tier answers that may be wrong: what `frugal judge retrain` and `frugal
+    #: cascade refit` choose thresholds for, and promote a candidate only if it holds.
+    target_false_accept: float = Field(default=0.10, gt=0, lt=1)
+
+
 class RouteConfig(_Strict):
     """A name clients can use for several models.
 
@@ -181,6 +200,8 @@ class RouteConfig(_Strict):
     #: Cascade routes: when no tier accepted an answer (every higher tier unusable or failed), return the
     #: best answer marked `x-frugal-accepted: false` ("answer"), or refuse with a 503 ("error").
     on_unaccepted: Literal["answer", "error"] = "answer"
+    #: Cascade routes: audits, labels and the target of retraining.
+    learning: LearningConfig = LearningConfig()
 
     @model_validator(mode="after")
     def _shape(self) -> RouteConfig:
@@ -324,6 +345,16 @@ class CacheConfig(_Strict):
     redis_prefix: str = "frugal:"
 
 
+class ArtifactsConfig(_Strict):
+    """Where retrained judges and refitted thresholds are kept, versioned per route (docs/learning.md)."""
+
+    #: A folder (relative to the working folder of the gateway); each route's versions live under it.
+    dir: str = "frugal-artifacts"
+    #: Seconds between two looks at each route's current version (a promotion or a rollback by another
+    #: process is picked up within this); 0 turns the watch off (swaps then go through the admin API only).
+    watch_interval_s: float = Field(default=5.0, ge=0)
+
+
 class ServerConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
@@ -340,12 +371,20 @@ class FrugalConfig(_Strict):
     ledger: LedgerConfig = LedgerConfig()
     cache: CacheConfig = CacheConfig()
     compressor: CompressorConfig = CompressorConfig()
+    artifacts: ArtifactsConfig = ArtifactsConfig()
 
     def model(self, name: str) -> ModelConfig:
         """The configured model named `name` (`KeyError` when there is none)."""
         for model in self.models:
             if model.name == name:
                 return model
+        raise KeyError(name)
+
+    def route(self, name: str) -> RouteConfig:
+        """The configured route named `name` (`KeyError` when there is none)."""
+        for route in self.routes:
+            if route.name == name:
+                return route
         raise KeyError(name)
 
     @model_validator(mode="after")

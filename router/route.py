@@ -41,5 +41,13 @@ class Router:
         self._routes.update(routes)  # a route may not share a model's name (the configuration checks)
 
     def resolve(self, name: str) -> Route | None:
-        """The route (or model) called `name`; None when the name is unknown."""
+        """The route (or model) called `name`; None when the name is unknown. A request resolves its route
+        once and keeps it: a route swapped meanwhile (`swap`) serves the next requests, never half of this one."""
         return self._routes.get(name)
+
+    def swap(self, name: str, route: Route) -> Route:
+        """Serve `name` with `route` from now on (one reference replaced: atomic for every request that
+        resolves after it); returns the route it replaced."""
+        previous = self._routes[name]
+        self._routes[name] = route
+        return previous

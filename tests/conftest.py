@@ -9,6 +9,10 @@ from typing import Any
 import pytest
 from sqlalchemy import create_engine, text
 
+from router.fit.fitting import FitOptions, fit_cascade
+from scorer.fit.dataset import Grid, load_grid
+from scorer.fit.train import TrainConfig
+from tests.cascade_data import synthetic_file
 from tests.harness import TINY_ROWS, Gateway, Service, TempPostgres, TempRedis, standin, write_dataset
 
 
@@ -96,3 +100,22 @@ def redis_url(redis_server: str) -> Iterator[str]:
     client = redis.Redis.from_url(redis_server)
     client.flushdb()
     client.close()
+
+
+@pytest.fixture(scope="session")
+def synthetic(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Grid, Path]:
+    """A synthetic three-model data file (tests/cascade_data.py), its grid, and a cascade fitted on it."""
+    folder = tmp_path_factory.mktemp("cascade")
+    data = synthetic_file(folder / "synthetic.jsonl.gz", 160)
+    cascade = folder / "cascade.yaml"
+    fit_cascade(load_grid(data), cascade, FitOptions(folds=3, scorer=TrainConfig(learner="logistic")))
+    return data, load_grid(data), cascade
+
+
+@pytest.fixture(scope="session")
+def synthetic_standin(tmp_path_factory: pytest.TempPathFactory,
+                      synthetic: tuple[Path, Grid, Path]) -> Iterator[Service]:
+    """The stand-in provider answering the synthetic file's recorded answers."""
+    service = standin(tmp_path_factory.mktemp("standin-cascade"), [synthetic[0]])
+    yield service
+    service.stop()

@@ -16,27 +16,9 @@ import pytest
 import yaml
 
 from gateway.settings import ConfigError, parse_config
-from router.fit.fitting import FitOptions, fit_cascade
 from scorer.fit.dataset import Grid, load_grid
-from scorer.fit.train import TrainConfig
-from tests.cascade_data import MODELS, synthetic_file
+from tests.cascade_data import MODELS
 from tests.harness import BIN, Gateway, Service, data_file, model_entry, standin
-
-
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Grid, Path]:
-    folder = tmp_path_factory.mktemp("cascade")
-    data = synthetic_file(folder / "synthetic.jsonl.gz", 160)
-    cascade = folder / "cascade.yaml"
-    fit_cascade(load_grid(data), cascade, FitOptions(folds=3, scorer=TrainConfig(learner="logistic")))
-    return data, load_grid(data), cascade
-
-
-@pytest.fixture(scope="module")
-def synthetic_standin(tmp_path_factory: pytest.TempPathFactory, synthetic) -> Any:
-    service = standin(tmp_path_factory.mktemp("standin-cascade"), [synthetic[0]])
-    yield service
-    service.stop()
 
 
 def _models(url: str) -> list[dict[str, Any]]:
