@@ -27,7 +27,7 @@ FORBIDDEN = {
 
 #: Offline work (fitting, calibration, evaluation, reports, plots) and the command line: never imported by the
 #: serving path (docs/architecture.md).
-OFFLINE = ("router/fit", "scorer/fit", "gateway/cache/calibration", "gateway/cli")
+OFFLINE = ("router/fit", "scorer/fit", "gateway/cache/calibration", "gateway/cli", "gateway/fit")
 #: Libraries only offline work may use.
 OFFLINE_LIBRARIES = {"sklearn", "skl2onnx", "matplotlib"}
 

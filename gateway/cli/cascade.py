@@ -8,9 +8,14 @@ from typing import Annotated
 import typer
 
 from gateway.cli.common import echo_json, fail, read_grid
+from gateway.cli.learning import cascade_refit, cascade_rollback, cascade_versions
 from gateway.cli.scorer import LAYOUT_HELP, LEARNER_HELP, check_learner
 
-app = typer.Typer(no_args_is_help=True, help="Fit and evaluate cascades (docs/cascade.md).")
+app = typer.Typer(no_args_is_help=True, help="Fit, evaluate, refit and roll back cascades (docs/cascade.md, "
+                  "docs/learning.md).")
+app.command("refit")(cascade_refit)
+app.command("rollback")(cascade_rollback)
+app.command("versions")(cascade_versions)
 
 
 @app.command("fit")

@@ -9,8 +9,11 @@ from typing import Annotated, Any
 import typer
 
 from gateway.cli.common import echo_json, fail, read_grid
+from gateway.cli.learning import judge_retrain
 
-app = typer.Typer(no_args_is_help=True, help="Build and inspect a local model's judge (docs/cascade.md).")
+app = typer.Typer(no_args_is_help=True, help="Build, inspect and retrain a local model's judge (docs/cascade.md, "
+                  "docs/learning.md).")
+app.command("retrain")(judge_retrain)
 
 #: How the packaged judge of the default local model was built (docs/cascade.md); the card records it too.
 PER_SPLIT = 200

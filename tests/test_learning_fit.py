@@ -1,0 +1,179 @@
+"""Retraining and refitting from the ledger (gateway/fit, docs/learning.md): the time-ordered split, the
+promotion rule that refuses a worse candidate, versions written and made current, and rollback, on a
+ledger of synthetic labelled traffic judged by the packaged judge."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from gateway.artifacts import CONFIG, ArtifactStore
+from gateway.cli import build
+from gateway.fit.ledger_data import labelled_answers
+from gateway.fit.promotion import choose_threshold, decide, evaluate, time_split
+from gateway.fit.retrain import refit_threshold
+from gateway.ledger import Ledger, ledger_row
+from gateway.settings import load_config
+from scorer.judge import LocalJudge, packaged_judge
+from scorer.signals import FEATURE_NAMES
+
+LOCAL = "local/smollm2-135m-instruct"
+ROUTE = "frugal/auto"
+START = datetime(2026, 11, 1, tzinfo=UTC)
+
+
+def judge() -> LocalJudge:
+    folder = packaged_judge(LOCAL)
+    assert folder is not None
+    return LocalJudge(folder)
+
+
+def features(rng: np.random.Generator, signal: float) -> list[float]:
+    """A multiple-choice answer's features; `mean_logprob` carries `signal`."""
+    x = rng.normal(0, 1, len(FEATURE_NAMES))
+    for i, name in enumerate(FEATURE_NAMES):
+        if name.startswith("kind_"):
+            x[i] = 1.0 if name == "kind_multiple_choice" else 0.0
+    x[FEATURE_NAMES.index("mean_logprob")] = signal
+    return [round(float(v), 5) for v in x]
+
+
+def write_ledger(tmp: Path, threshold: float, rule: Any, n: int = 240, audit_rate: float = 0.5) -> Path:
+    """`n` requests over time, judged by the packaged judge's version with `score` uniform; the local answer
+    accepted at `threshold` (audited at `audit_rate`), else rejected (an escalation label); `rule(i, score)`
+    says whether it was good."""
+    rng = np.random.default_rng(7)
+    version = judge().version
+    ledger = Ledger(f"sqlite:///{tmp / 'ledger.db'}", tmp / "spill.jsonl")
+    ledger.start()
+    try:
+        for i in range(n):
+            score = float(rng.uniform())
+            good = bool(rule(i, score))
+            accepted = score >= threshold
+            tiers = [{"model": LOCAL, "outcome": "accepted" if accepted else "rejected", "score": score,
+                      "threshold": threshold, "judge": version, "features": features(rng, 2 * score - 1)}]
+            if not accepted:
+                tiers.append({"model": "big", "outcome": "accepted"})
+            request_id = f"r{i:04d}"
+            ledger.record(ledger_row(
+                id=request_id, created_at=START + timedelta(minutes=i), key_id="k", endpoint="chat", route=ROUTE,
+                model=LOCAL if accepted else "big", models_tried=[], status=200, stream=False, prompt_tokens=10,
+                completion_tokens=2, tokens_estimated=False, cost_usd=0.0, latency_ms=1.0, cache="none",
+                client_disconnected=False, trace={"route": ROUTE, "tiers": tiers, "version": "config-x"}))
+            if accepted and i % round(1 / audit_rate) == 0:
+                ledger.upsert_label(request_id=request_id, source="audit", model=LOCAL, route=ROUTE,
+                                    label="good" if good else "bad", sample_rate=audit_rate)
+            elif not accepted:
+                ledger.upsert_label(request_id=request_id, source="escalation", model=LOCAL, route=ROUTE,
+                                    label="good" if good else "bad")
+        assert ledger.flush()
+    finally:
+        ledger.close()
+    return tmp / "ledger.db"
+
+
+def write_config(tmp: Path, threshold: float, target: float = 0.1) -> Path:
+    path = tmp / "gateway.yaml"
+    path.write_text(yaml.safe_dump({
+        "models": [{"name": LOCAL, "backend": LOCAL},
+                   {"name": "big", "backend": "openai/big", "api_base": "http://127.0.0.1:9/v1",
+                    "input_cost_per_token": 1e-6, "output_cost_per_token": 1e-6}],
+        "routes": [{"name": ROUTE, "kind": "cascade", "tiers": [{"model": LOCAL, "threshold": threshold},
+                                                                {"model": "big"}],
+                    "learning": {"target_false_accept": target}}],
+        "ledger": {"url": f"sqlite:///{tmp / 'ledger.db'}"},
+        "artifacts": {"dir": str(tmp / "artifacts")}}))
+    return path
+
+
+def test_the_split_is_by_time_and_weights_follow_the_sampling(tmp_path: Path) -> None:
+    write_ledger(tmp_path, 0.5, lambda i, s: s > 0.3)
+    answers = labelled_answers(f"sqlite:///{tmp_path / 'ledger.db'}", ROUTE, LOCAL)
+    assert [a.created_at for a in answers] == sorted(a.created_at for a in answers)
+    assert {a.source for a in answers} == {"audit", "escalation"}
+    assert all(a.weight == (2.0 if a.source == "audit" else 1.0) for a in answers)
+    assert all(len(a.features) == len(FEATURE_NAMES) for a in answers)
+    train, test = time_split(answers, 0.3)
+    assert max(answers[i].created_at for i in train) < min(answers[i].created_at for i in test)
+    assert len(test) == round(len(answers) * 0.3)
+
+
+def test_the_threshold_meets_the_target_with_the_largest_share() -> None:
+    scores = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
+    good = np.array([False, False, True, False, True, True, True, True, True])
+    weights = np.ones(9)
+    t = choose_threshold(scores, good, weights, 0.2)
+    assert t == 0.3  # 0.3 and above: 1 bad of 7
+    assert evaluate(scores, good, weights, t).false_accept == pytest.approx(1 / 7)
+    assert choose_threshold(scores, ~np.ones(9, dtype=bool), weights, 0.2) == 1.0  # nothing meets it
+
+
+def test_a_refit_from_a_mis_set_threshold_is_promoted_and_made_current(tmp_path: Path) -> None:
+    write_ledger(tmp_path, 0.1, lambda i, s: s >= 0.6)  # accepts nearly all; right only above 0.6
+    config = load_config(write_config(tmp_path, 0.1))
+    outcome = refit_threshold(config, ROUTE)
+    decision = outcome.decision
+    assert decision.promote and decision.current.false_accept > 0.1 >= decision.candidate.false_accept
+    assert outcome.promoted == "v0001"
+    store = ArtifactStore(tmp_path / "artifacts")
+    assert store.current(ROUTE) == "v0001"
+    artifact = store.read(ROUTE, "v0001")
+    assert 0.55 <= artifact.tiers[0].threshold <= 0.65 and artifact.tiers[1].model == "big"
+    assert artifact.parent == CONFIG and artifact.meta["report"]["decision"]["promote"]
+    # the next refit starts from v0001, and finds nothing better
+    again = refit_threshold(load_config(write_config(tmp_path, 0.1)), ROUTE, promote=True)
+    assert again.current_version == "v0001" and not again.decision.promote and again.promoted is None
+    assert store.versions(ROUTE) == ["v0001"]
+
+
+def test_a_worse_candidate_and_too_few_labels_are_refused_and_nothing_is_written(tmp_path: Path) -> None:
+    # older traffic was right above 0.3, newer traffic only above 0.7: a threshold fitted on the old part is
+    # worse on the new part than the current 0.7
+    write_ledger(tmp_path, 0.7, lambda i, s: s >= (0.3 if i < 170 else 0.7))
+    config = load_config(write_config(tmp_path, 0.7))
+    worse = refit_threshold(config, ROUTE)
+    assert not worse.decision.promote and "above the target" in worse.decision.reason
+    few = refit_threshold(config, ROUTE, min_test=10_000)
+    assert not few.decision.promote and "not enough held-out labels" in few.decision.reason
+    assert ArtifactStore(tmp_path / "artifacts").versions(ROUTE) == []
+    runner = CliRunner()
+    refused = runner.invoke(build(), ["cascade", "refit", "--from-ledger", "--route", ROUTE, "--config",
+                                      str(tmp_path / "gateway.yaml")])
+    assert refused.exit_code == 3, refused.output
+    assert "refused" in refused.output
+    assert decide(evaluate(np.ones(40), np.ones(40, bool), np.ones(40), 0.5),
+                  evaluate(np.ones(40), np.ones(40, bool), np.ones(40), 0.5), 0.1, 30).promote is False
+
+
+def test_a_retrained_judge_is_promoted_as_a_loadable_version_and_rolled_back(tmp_path: Path) -> None:
+    # the current threshold (0.999) accepts almost nothing; the labels follow the features' mean_logprob
+    write_ledger(tmp_path, 0.999, lambda i, s: s >= 0.5)
+    path = write_config(tmp_path, 0.999, target=0.15)
+    runner = CliRunner()
+    done = runner.invoke(build(), ["judge", "retrain", "--from-ledger", "--route", ROUTE, "--config", str(path)])
+    assert done.exit_code == 0, done.output
+    assert "promoted" in done.output
+    store = ArtifactStore(tmp_path / "artifacts")
+    assert store.current(ROUTE) == "v0001"
+    artifact = store.read(ROUTE, "v0001")
+    folder = Path(artifact.tiers[0].judge)
+    assert folder.is_relative_to(store.folder(ROUTE) / "v0001")
+    retrained = LocalJudge(folder)  # its card and ONNX file agree, and it loads as the gateway would
+    assert retrained.threshold == artifact.tiers[0].threshold and retrained.version != judge().version
+    assert retrained.card["data"]["source"] == "ledger"
+    dry = runner.invoke(build(), ["cascade", "refit", "--from-ledger", "--dry-run", "--route", ROUTE, "--config",
+                                  str(path)])
+    # the retrained judge has scored no answer yet: there is nothing to refit its threshold on
+    assert dry.exit_code == 2 and "scored by the current judge" in dry.output, dry.output
+    assert store.versions(ROUTE) == ["v0001"]
+    rolled = runner.invoke(build(), ["cascade", "rollback", "--route", ROUTE, "--config", str(path)])
+    assert rolled.exit_code == 0 and store.current(ROUTE) == CONFIG
+    listed = runner.invoke(build(), ["cascade", "versions", "--route", ROUTE, "--config", str(path), "--json"])
+    assert '"current": "config"' in listed.output and listed.output.count('"version"') == 2
