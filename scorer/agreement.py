@@ -26,9 +26,11 @@ import numpy as np
 from scorer.answers import chosen_letter, normalize, options_of, task_kind, yes_no
 from scorer.signals import LONG_WORDS, Embed
 
-#: Long answers agree when their MiniLM cosine is at least this (docs/BENCHMARKS.md, "Audit verdicts against
-#: gold", measures the rule as a whole).
-LONG_COSINE = 0.8
+#: Long answers agree when their MiniLM cosine is at least this: on MBPP's train split (code, the packs' only
+#: long answers) the cut where an audit's false-accept estimate is least biased (0.80: -40 points, 0.86: about
+#: -10, 0.90: +20). Even there the verdict is right only about 2 times in 3: similarity is a weak judge of code
+#: (docs/BENCHMARKS.md, "Audit verdicts against gold").
+LONG_COSINE = 0.86
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
