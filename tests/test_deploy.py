@@ -11,6 +11,7 @@ import pytest
 import yaml
 from compose_spec import PyCompose
 
+from gateway.estimates import LiveEstimates
 from gateway.metrics import GatewayMetrics
 from gateway.settings import parse_config
 from tests.harness import REPO
@@ -74,6 +75,10 @@ def test_dashboard_queries_metrics_the_gateway_exports() -> None:
     exported = set()
     metrics = GatewayMetrics()
     metrics.watch_local_engines({"local/model": dict})  # what a gateway with a local model also exports
+    live = LiveEstimates()  # what a gateway with a cascade exports once it has audited an answer
+    live.request("r", {"tiers": [{"model": "m", "outcome": "accepted"}]})
+    live.label("r", "m", "audit", "bad", accepted=True)
+    metrics.watch(live)
     for family in metrics.registry.collect():
         exported.add(family.name)
         exported.update(sample.name for sample in family.samples)
