@@ -4,6 +4,7 @@ ledger of synthetic labelled traffic judged by the packaged judge."""
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -17,11 +18,13 @@ from gateway.artifacts import CONFIG, ArtifactStore
 from gateway.cli import build
 from gateway.fit.ledger_data import labelled_answers
 from gateway.fit.promotion import choose_threshold, decide, evaluate, time_split
-from gateway.fit.retrain import refit_threshold
+from gateway.fit.retrain import PackOutcomes, refit_threshold, retrain_judge
 from gateway.ledger import Ledger, ledger_row
 from gateway.settings import load_config
+from scorer.fit.dataset import load_grid
 from scorer.judge import LocalJudge, packaged_judge
 from scorer.signals import FEATURE_NAMES
+from tests.harness import write_dataset
 
 LOCAL = "local/smollm2-135m-instruct"
 ROUTE = "frugal/auto"
@@ -177,3 +180,40 @@ def test_a_retrained_judge_is_promoted_as_a_loadable_version_and_rolled_back(tmp
     assert rolled.exit_code == 0 and store.current(ROUTE) == CONFIG
     listed = runner.invoke(build(), ["cascade", "versions", "--route", ROUTE, "--config", str(path), "--json"])
     assert '"current": "config"' in listed.output and listed.output.count('"version"') == 2
+
+
+def pack_outcomes(tmp: Path, queries: int = 80) -> tuple[Path, Path]:
+    """A graded multiple-choice pack (named as MMLU, which is graded by its gold letter) and the local model's
+    cached answers to it, right on even queries, in `frugal judge build`'s format."""
+    rows, outcomes = [], []
+    for q in range(queries):
+        query = f"Question {q}: which letter?\nA) one\nB) two\nC) three\nD) four\nAnswer:"
+        split = "train" if q % 4 else "test"
+        rows.append({"dataset": "zellinger_mmlu", "split": split, "query_id": f"p{q}", "query": query, "gold": "B",
+                     "model": "m", "answer": "B", "correct": 1.0, "cost_usd": 1e-6, "input_tokens": 10,
+                     "output_tokens": 1, "confidence": None})
+        text = "B" if q % 2 == 0 else "C"
+        logprob = -0.1 if q % 2 == 0 else -2.0
+        outcomes.append({"dataset": "zellinger_mmlu", "query_id": f"p{q}", "split": split, "text": text,
+                         "finish_reason": "stop", "tokens": [[text, logprob, [logprob, -3.0]]],
+                         "samples": [text] * 4})
+    pack = write_dataset(tmp / "zellinger_mmlu.jsonl.gz", rows)
+    folder = tmp / "outcomes"
+    folder.mkdir()
+    (folder / "zellinger_mmlu.jsonl").write_text("".join(json.dumps(o) + "\n" for o in outcomes))
+    return pack, folder
+
+
+def test_a_retrain_can_mix_in_the_packs_graded_answers(tmp_path: Path) -> None:
+    write_ledger(tmp_path, 0.999, lambda i, s: s >= 0.5)
+    path = write_config(tmp_path, 0.999, target=0.15)
+    pack, folder = pack_outcomes(tmp_path)
+    outcome = retrain_judge(load_config(path), ROUTE, promote=False,
+                            packs=PackOutcomes([load_grid(pack)], folder))
+    assert outcome.data["pack_train_answers"] == 60  # the pack's train split only
+    assert outcome.decision.candidate is not None and outcome.promoted is None
+    assert ArtifactStore(tmp_path / "artifacts").versions(ROUTE) == []
+    runner = CliRunner()
+    alone = runner.invoke(build(), ["judge", "retrain", "--from-ledger", "--route", ROUTE, "--config", str(path),
+                                    "--mix-outcomes", str(folder)])
+    assert alone.exit_code == 2 and "go together" in alone.output

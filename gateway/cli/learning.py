@@ -65,15 +65,16 @@ def _report(outcome: Any, as_json: bool, dry_run: bool) -> None:
 
 
 def _run(kind: str, config_path: Path | None, route: str, tier: str | None, since: str | None, test_share: float,
-         min_test: int, dry_run: bool, as_json: bool) -> None:
+         min_test: int, dry_run: bool, as_json: bool, packs: Any = None) -> None:
     from gateway.artifacts import ArtifactError
     from gateway.fit.retrain import RetrainError, refit_threshold, retrain_judge
 
     config = _config(config_path)
+    extra = {"packs": packs} if kind == "judge" else {}
     work = retrain_judge if kind == "judge" else refit_threshold
     try:
         outcome = work(config, route, tier=tier, since=_since(since), test_share=test_share, min_test=min_test,
-                       promote=not dry_run)
+                       promote=not dry_run, **extra)
     except KeyError as exc:
         raise fail(f"--route: no route {route!r} in the configuration") from exc
     except (RetrainError, ArtifactError) as exc:
@@ -94,12 +95,28 @@ AsJson = Annotated[bool, typer.Option("--json", help="Print the report as JSON")
 
 def judge_retrain(from_ledger: FromLedger = False, route: RouteOption = "frugal/auto", config: ConfigOption = None,
                   tier: Tier = None, since: Since = None, test_share: TestShare = 0.3, min_test: MinTest = 30,
-                  dry_run: DryRun = False, as_json: AsJson = False) -> None:
-    """Train a route's judge again on its labelled traffic; promote it only when it beats the current one
-    (docs/learning.md, "The promotion rule")."""
+                  dry_run: DryRun = False, as_json: AsJson = False,
+                  mix_outcomes: Annotated[Path | None, typer.Option(
+                      help="Also train on the local model's graded answers to data pack queries: the folder "
+                           "`frugal judge build` cached them in (with --data)")] = None,
+                  data: Annotated[list[Path] | None, typer.Option(
+                      help="Data pack files whose cached answers --mix-outcomes holds; repeat")] = None) -> None:
+    """Train a route's judge again on its labelled traffic (optionally mixed with the packs' graded answers);
+    promote it only when it beats the current one on newer traffic (docs/learning.md, "The promotion rule")."""
     if not from_ledger:
         raise fail("give --from-ledger (the labelled traffic in the gateway's ledger is the only source for now)")
-    _run("judge", config, route, tier, since, test_share, min_test, dry_run, as_json)
+    packs = None
+    if (mix_outcomes is None) != (not data):
+        raise fail("--mix-outcomes and --data go together")
+    if mix_outcomes is not None and data:
+        from gateway.cache.embedder import Embedder
+        from gateway.cli.common import read_grid
+        from gateway.fit.retrain import PackOutcomes
+
+        if not mix_outcomes.is_dir():
+            raise fail(f"--mix-outcomes: no folder {mix_outcomes} (run `frugal judge build` to make one)")
+        packs = PackOutcomes([read_grid(path) for path in data], mix_outcomes, Embedder().embed_many)
+    _run("judge", config, route, tier, since, test_share, min_test, dry_run, as_json, packs)
 
 
 def cascade_refit(from_ledger: FromLedger = False, route: RouteOption = "frugal/auto", config: ConfigOption = None,

@@ -30,9 +30,10 @@ from gateway.fit.promotion import Decision, choose_threshold, decide, evaluate, 
 from gateway.routes import price_order
 from gateway.settings import FrugalConfig
 from scorer.answers import TASK_KINDS
-from scorer.fit.judge_build import LEARNERS, make_learner, mean_auroc, onnx_bytes, out_of_fold
+from scorer.fit.dataset import Grid
+from scorer.fit.judge_build import LEARNERS, graded_outcomes, make_learner, mean_auroc, onnx_bytes, out_of_fold
 from scorer.judge import CARD, MODEL, LocalJudge, packaged_judge, read_card
-from scorer.signals import FEATURE_NAMES
+from scorer.signals import FEATURE_NAMES, Embed
 
 #: A kind of query the candidate judge vouches for needs this many labelled train answers (or the current
 #: judge vouched for it).
@@ -173,15 +174,42 @@ def refit_threshold(config: FrugalConfig, route: str, *, tier: str | None = None
                    promote=promote)
 
 
+@dataclass(frozen=True)
+class PackOutcomes:
+    """The local model's graded answers to data pack queries (`frugal judge build`'s cache), mixed into the
+    training rows: their `train` split only (the held-out part is the ledger's own newer traffic)."""
+
+    grids: list[Grid]
+    folder: Path
+    embed: Embed | None = None
+
+
+def _pack_rows(packs: PackOutcomes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    try:
+        outcomes = graded_outcomes(packs.grids, packs.folder, packs.embed)
+    except ValueError as exc:
+        raise RetrainError(str(exc)) from exc
+    train = outcomes.mask("train")
+    return outcomes.x[train].astype(np.float32), outcomes.y[train] >= 0.5, outcomes.groups[train]
+
+
 def retrain_judge(config: FrugalConfig, route: str, *, tier: str | None = None, since: datetime | None = None,
-                  test_share: float = 0.3, min_test: int = 30, promote: bool = True) -> Outcome:
-    """A new judge trained on the labelled answers' features, compared with the current judge."""
+                  test_share: float = 0.3, min_test: int = 30, promote: bool = True,
+                  packs: PackOutcomes | None = None) -> Outcome:
+    """A new judge trained on the labelled answers' features (and, with `packs`, the packs' graded train
+    answers), compared with the current judge on the newer labelled answers."""
     store, current, answers = _load(config, route, tier, since)
     target = config.route(route).learning.target_false_accept
     train, test = time_split(answers, test_share)
     x, good, weights, groups = _arrays(answers, train)
-    if len(train) < MIN_TRAIN or good.sum() < 5 or (~good).sum() < 5:
-        raise RetrainError(f"too few labelled answers to train on: {len(train)} ({int(good.sum())} good, "
+    pack_answers = 0
+    if packs is not None:
+        px, pgood, pgroups = _pack_rows(packs)
+        pack_answers = len(pgood)
+        x, good = np.vstack([x, px]), np.concatenate([good, pgood])
+        weights, groups = np.concatenate([weights, np.ones(len(pgood))]), np.concatenate([groups, pgroups])
+    if len(good) < MIN_TRAIN or good.sum() < 5 or (~good).sum() < 5:
+        raise RetrainError(f"too few labelled answers to train on: {len(good)} ({int(good.sum())} good, "
                            f"{int((~good).sum())} bad; need {MIN_TRAIN}, and 5 of each)")
     y = good.astype(float)
     kinds = _kinds_of(x)
@@ -207,8 +235,9 @@ def retrain_judge(config: FrugalConfig, route: str, *, tier: str | None = None, 
             "threshold_rule": f"the largest weighted accept share whose weighted false-accept rate is at most "
                               f"{target} on out-of-fold scores (route {route})",
             "target_false_accept": target,
-            "data": {"source": "ledger", "route": route, "since": since.isoformat() if since else None,
-                     "train_answers": len(train), "parent_judge": current.judge.version},
+            "data": {"source": "ledger" + (" and data packs" if pack_answers else ""), "route": route,
+                     "since": since.isoformat() if since else None, "ledger_train_answers": len(train),
+                     "pack_train_answers": pack_answers, "parent_judge": current.judge.version},
             "onnx_sha256": hashlib.sha256(blob).hexdigest(),
         })
         (folder / CARD).write_text(json.dumps(card, indent=2) + "\n")
@@ -219,7 +248,8 @@ def retrain_judge(config: FrugalConfig, route: str, *, tier: str | None = None, 
         decision = decide(evaluate(current_scores, good_test, weights_test, current.threshold),
                           evaluate(candidate_scores, good_test, weights_test, candidate_judge.threshold),
                           target, min_test)
-        data = {"labelled": len(answers), "train": len(train), "test": len(test), "target_false_accept": target}
+        data = {"labelled": len(answers), "train": len(train), "test": len(test), "target_false_accept": target,
+                "pack_train_answers": pack_answers}
         return _finish(config, store, current, route, "judge retrain", decision,
                        ArtifactTier(current.model, round(threshold, 6), "packaged"),
                        {"judge": candidate_judge.version, "learner": chosen, "threshold": round(threshold, 6),
