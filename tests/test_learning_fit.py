@@ -160,7 +160,8 @@ def test_a_retrained_judge_is_promoted_as_a_loadable_version_and_rolled_back(tmp
     write_ledger(tmp_path, 0.999, lambda i, s: s >= 0.5)
     path = write_config(tmp_path, 0.999, target=0.15)
     runner = CliRunner()
-    done = runner.invoke(build(), ["judge", "retrain", "--from-ledger", "--route", ROUTE, "--config", str(path)])
+    done = runner.invoke(build(), ["judge", "retrain", "--from-ledger", "--route", ROUTE, "--config", str(path),
+                                   "--keep-candidate", str(tmp_path / "candidate")])
     assert done.exit_code == 0, done.output
     assert "promoted" in done.output
     store = ArtifactStore(tmp_path / "artifacts")
@@ -171,6 +172,7 @@ def test_a_retrained_judge_is_promoted_as_a_loadable_version_and_rolled_back(tmp
     retrained = LocalJudge(folder)  # its card and ONNX file agree, and it loads as the gateway would
     assert retrained.threshold == artifact.tiers[0].threshold and retrained.version != judge().version
     assert retrained.card["data"]["source"] == "ledger"
+    assert LocalJudge(tmp_path / "candidate").version == retrained.version
     dry = runner.invoke(build(), ["cascade", "refit", "--from-ledger", "--dry-run", "--route", ROUTE, "--config",
                                   str(path)])
     # the retrained judge has scored no answer yet: there is nothing to refit its threshold on
@@ -217,3 +219,20 @@ def test_a_retrain_can_mix_in_the_packs_graded_answers(tmp_path: Path) -> None:
     alone = runner.invoke(build(), ["judge", "retrain", "--from-ledger", "--route", ROUTE, "--config", str(path),
                                     "--mix-outcomes", str(folder)])
     assert alone.exit_code == 2 and "go together" in alone.output
+
+
+def test_one_wrong_answer_is_no_evidence_that_the_current_artifact_misses_its_target() -> None:
+    n = 60
+    good = np.ones(n, dtype=bool)
+    good[0] = False
+    weights = np.ones(n)
+    scores = np.zeros(n)
+    scores[0] = 0.9  # the current threshold accepts one answer, and it is wrong
+    current = evaluate(scores, good, weights, 0.5)
+    nothing = evaluate(scores, good, weights, 0.95)
+    assert current.false_accept == 1.0 and current.above_target_low < 0.3
+    refused = decide(current, nothing, 0.3, 30)
+    assert not refused.promote and "not better" in refused.reason
+    scores[:10] = 0.9
+    good[:10] = False  # ten wrong in ten accepted is evidence
+    assert decide(evaluate(scores, good, weights, 0.5), nothing, 0.3, 30).promote

@@ -65,16 +65,15 @@ def _report(outcome: Any, as_json: bool, dry_run: bool) -> None:
 
 
 def _run(kind: str, config_path: Path | None, route: str, tier: str | None, since: str | None, test_share: float,
-         min_test: int, dry_run: bool, as_json: bool, packs: Any = None) -> None:
+         min_test: int, dry_run: bool, as_json: bool, extra: dict[str, Any] | None = None) -> None:
     from gateway.artifacts import ArtifactError
     from gateway.fit.retrain import RetrainError, refit_threshold, retrain_judge
 
     config = _config(config_path)
-    extra = {"packs": packs} if kind == "judge" else {}
     work = retrain_judge if kind == "judge" else refit_threshold
     try:
         outcome = work(config, route, tier=tier, since=_since(since), test_share=test_share, min_test=min_test,
-                       promote=not dry_run, **extra)
+                       promote=not dry_run, **(extra or {}))
     except KeyError as exc:
         raise fail(f"--route: no route {route!r} in the configuration") from exc
     except (RetrainError, ArtifactError) as exc:
@@ -100,7 +99,9 @@ def judge_retrain(from_ledger: FromLedger = False, route: RouteOption = "frugal/
                       help="Also train on the local model's graded answers to data pack queries: the folder "
                            "`frugal judge build` cached them in (with --data)")] = None,
                   data: Annotated[list[Path] | None, typer.Option(
-                      help="Data pack files whose cached answers --mix-outcomes holds; repeat")] = None) -> None:
+                      help="Data pack files whose cached answers --mix-outcomes holds; repeat")] = None,
+                  keep_candidate: Annotated[Path | None, typer.Option(
+                      help="Also write the candidate judge to this folder, promoted or not")] = None) -> None:
     """Train a route's judge again on its labelled traffic (optionally mixed with the packs' graded answers);
     promote it only when it beats the current one on newer traffic (docs/learning.md, "The promotion rule")."""
     if not from_ledger:
@@ -116,7 +117,8 @@ def judge_retrain(from_ledger: FromLedger = False, route: RouteOption = "frugal/
         if not mix_outcomes.is_dir():
             raise fail(f"--mix-outcomes: no folder {mix_outcomes} (run `frugal judge build` to make one)")
         packs = PackOutcomes([read_grid(path) for path in data], mix_outcomes, Embedder().embed_many)
-    _run("judge", config, route, tier, since, test_share, min_test, dry_run, as_json, packs)
+    _run("judge", config, route, tier, since, test_share, min_test, dry_run, as_json,
+         {"packs": packs, "keep": keep_candidate})
 
 
 def cascade_refit(from_ledger: FromLedger = False, route: RouteOption = "frugal/auto", config: ConfigOption = None,

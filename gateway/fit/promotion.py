@@ -8,8 +8,9 @@ score reaches its threshold, and two figures are weighed (each answer by 1 / its
 - accept share: the weighted share of answers it keeps on the cheap tier (what saves money).
 
 The candidate is promoted when the test part holds at least `min_test` labelled answers, its false-accept
-rate is at most the route's target, and either the current one's is above the target or the candidate's
-accept share is higher. Anything else is refused, and nothing is written.
+rate is at most the route's target, and either the current one is shown to be above the target (the
+Wilson 95% interval of its false accepts lies wholly above it: one wrong answer in one accepted is not
+evidence) or the candidate's accept share is higher. Anything else is refused, and nothing is written.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from gateway.estimates import wilson
 from gateway.fit.ledger_data import LabelledAnswer
 
 
@@ -39,10 +41,19 @@ class Figures:
     accept_share: float
     n: int
     accepted: int
+    #: Accepted answers labelled bad (a count, unweighted).
+    bad: int = 0
+
+    @property
+    def above_target_low(self) -> float:
+        """The low end of the Wilson 95% interval of the false-accept rate (0 when nothing was accepted)."""
+        interval = wilson(self.bad, self.accepted)
+        return 0.0 if interval is None else interval[1]
 
     def to_json(self) -> dict[str, Any]:
         return {"false_accept": None if self.false_accept is None else round(self.false_accept, 4),
-                "accept_share": round(self.accept_share, 4), "labelled": self.n, "accepted": self.accepted}
+                "false_accept_low": round(self.above_target_low, 4), "accept_share": round(self.accept_share, 4),
+                "labelled": self.n, "accepted": self.accepted, "accepted_bad": self.bad}
 
 
 def evaluate(scores: np.ndarray, good: np.ndarray, weights: np.ndarray, threshold: float) -> Figures:
@@ -50,7 +61,8 @@ def evaluate(scores: np.ndarray, good: np.ndarray, weights: np.ndarray, threshol
     total = float(weights.sum())
     kept = float(weights[accepted].sum())
     bad = float(weights[accepted & ~good].sum())
-    return Figures(bad / kept if kept else None, kept / total if total else 0.0, len(scores), int(accepted.sum()))
+    return Figures(bad / kept if kept else None, kept / total if total else 0.0, len(scores), int(accepted.sum()),
+                   int((accepted & ~good).sum()))
 
 
 def choose_threshold(scores: np.ndarray, good: np.ndarray, weights: np.ndarray, target: float) -> float:
@@ -84,9 +96,10 @@ def decide(current: Figures, candidate: Figures, target: float, min_test: int) -
     if candidate.false_accept is not None and candidate.false_accept > target:
         return Decision(False, f"the candidate's false-accept rate {candidate.false_accept:.3f} is above the target "
                         f"{target}", current, candidate)
-    if current.false_accept is not None and current.false_accept > target:
-        return Decision(True, f"the current false-accept rate {current.false_accept:.3f} is above the target {target}; "
-                        "the candidate's is within it", current, candidate)
+    if current.false_accept is not None and current.above_target_low > target:
+        return Decision(True, f"the current false-accept rate {current.false_accept:.3f} is above the target {target} "
+                        f"(95% interval from {current.above_target_low:.3f}); the candidate's is within it", current,
+                        candidate)
     if candidate.accept_share > current.accept_share:
         return Decision(True, f"within the target, it keeps more answers on the cheap tier "
                         f"({candidate.accept_share:.3f} against {current.accept_share:.3f})", current, candidate)

@@ -195,9 +195,10 @@ def _pack_rows(packs: PackOutcomes) -> tuple[np.ndarray, np.ndarray, np.ndarray]
 
 def retrain_judge(config: FrugalConfig, route: str, *, tier: str | None = None, since: datetime | None = None,
                   test_share: float = 0.3, min_test: int = 30, promote: bool = True,
-                  packs: PackOutcomes | None = None) -> Outcome:
+                  packs: PackOutcomes | None = None, keep: Path | None = None) -> Outcome:
     """A new judge trained on the labelled answers' features (and, with `packs`, the packs' graded train
-    answers), compared with the current judge on the newer labelled answers."""
+    answers), compared with the current judge on the newer labelled answers. `keep`: also copy the candidate
+    judge there, promoted or not (to inspect it)."""
     store, current, answers = _load(config, route, tier, since)
     target = config.route(route).learning.target_false_accept
     train, test = time_split(answers, test_share)
@@ -242,6 +243,8 @@ def retrain_judge(config: FrugalConfig, route: str, *, tier: str | None = None, 
         })
         (folder / CARD).write_text(json.dumps(card, indent=2) + "\n")
         candidate_judge = LocalJudge(folder)
+        if keep is not None:
+            shutil.copytree(folder, keep, dirs_exist_ok=True)
         x_test, good_test, weights_test, _ = _arrays(answers, test)
         current_scores = np.array(current.judge.score_features(x_test)) if test else np.zeros(0)
         candidate_scores = np.array(candidate_judge.score_features(x_test)) if test else np.zeros(0)
