@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -122,6 +123,15 @@ def renamed_pack(grids: dict[str, Grid], folder: Path) -> list[Path]:
             sink.writelines(json.dumps(row) + "\n" for row in renamed_rows(name))
         files.append(out)
     return files
+
+
+def start_standin(grids: dict[str, Grid], work: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """The stand-in replaying the renamed pack of `grids` (files written to `work`), and its port."""
+    files = renamed_pack(grids, work)
+    port = free_port()
+    process = start([str(BIN / "frugal"), "stand-in", *sum((["--data", str(f)] for f in files), []),
+                     "--port", str(port)], f"http://127.0.0.1:{port}/healthz", work / "standin.log")
+    return process, port
 
 
 def fitted_mid_tier(grids: dict[str, Grid], folder: Path) -> dict[str, Any]:
@@ -288,10 +298,8 @@ def main() -> None:
     ttft: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        files = renamed_pack(grids, work)
-        sport, gport = free_port(), free_port()
-        standin = start([str(BIN / "frugal"), "stand-in", *sum((["--data", str(f)] for f in files), []),
-                         "--port", str(sport)], f"http://127.0.0.1:{sport}/healthz", work / "standin.log")
+        standin, sport = start_standin(grids, work)
+        gport = free_port()
         print("fitting the mid tier's scorer and threshold on the pack's train split", file=sys.stderr)
         extra = {"frugal/auto+scorer": fitted_mid_tier(grids, work)}
         (work / "gateway.yaml").write_text(yaml.safe_dump(config(sport, work, extra)))
