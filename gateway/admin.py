@@ -22,6 +22,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from fastapi import APIRouter
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
@@ -29,6 +30,7 @@ from starlette.responses import Response
 from gateway.auth import KeyStore
 from gateway.errors import APIError, bad_request, unauthorized
 from gateway.estimates import LiveEstimates, ledger_estimates
+from gateway.feedback import ledger_unavailable
 from gateway.ledger import Ledger
 from gateway.requests import read_json
 from gateway.responses import json_response
@@ -132,7 +134,10 @@ def admin_routes(guard: AdminGuard, switch: RouteSwitch, ledger: Ledger, live: L
         unknown = [n for n in names if n not in switch.live]
         if unknown:
             raise APIError(404, f"'{unknown[0]}' is not a cascade route.", param="route", code="route_not_found")
-        windowed = [await run_in_threadpool(ledger_estimates, ledger, name, since, until) for name in names]
+        try:
+            windowed = [await run_in_threadpool(ledger_estimates, ledger, name, since, until) for name in names]
+        except SQLAlchemyError as exc:
+            raise ledger_unavailable() from exc
         return json_response({"object": "list", "data": windowed,
                               "live": {k: v for k, v in live.summary().items() if k in names}})
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 from sqlalchemy import func, select
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 
 from gateway.estimates import LiveEstimates
@@ -119,6 +120,8 @@ class Auditor:
         self._embed: Embed | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._in_flight = 0
+        #: Whether today's spend so far was read from the ledger (no audit runs before).
+        self.budget_loaded = False
 
     def announce(self) -> None:
         """Say at start-up what will run, and why not when it will not."""
@@ -136,8 +139,17 @@ class Auditor:
                      learning.audit_rate * 100, learning.audit_budget_usd,
                      "; labelling escalations" if learning.label_escalations else "")
 
-    def load(self) -> None:
-        self.budget.load(self.ledger)
+    def load(self) -> bool:
+        """Read today's audit spend from the ledger; False when the ledger cannot be read (audits then wait
+        until it can: the budget fails closed)."""
+        try:
+            self.budget.load(self.ledger)
+        except SQLAlchemyError as exc:
+            log.warning("today's audit spend cannot be read from the ledger yet (%s): no audit runs until it can",
+                        exc.__class__.__name__)
+            return False
+        self.budget_loaded = True
+        return True
 
     def embed(self, texts: list[str]) -> np.ndarray:
         if self._embed is None:
@@ -210,6 +222,9 @@ class Auditor:
         # the prompt counted by the answering tier's tokenizer, with a margin for the top tier's own
         prompt_tokens = int(answered.prompt_tokens * 1.5) + 32
         reserve = route.price(route.top_model).cost(prompt_tokens, max_tokens)
+        if not self.budget_loaded and not await run_in_threadpool(self.load):
+            self.metrics.audits.labels(name, audited, "skipped_budget").inc()
+            return
         if not self.budget.reserve(name, reserve):
             self.metrics.audits.labels(name, audited, "skipped_budget").inc()
             return

@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
@@ -89,6 +90,12 @@ def parse_feedback(body: dict[str, Any]) -> Feedback:
                     _text(body, "correction", MAX_CORRECTION))
 
 
+def ledger_unavailable() -> APIError:
+    """The ledger database cannot be read or written now: the client may retry."""
+    return APIError(503, "The ledger database is unavailable; retry shortly.", type="server_error",
+                    code="ledger_unavailable", retry_after_s=5)
+
+
 def not_found(request_id: str) -> APIError:
     return APIError(404, f"No request with id '{request_id}' was made with this API key.", param="request_id",
                     code="request_not_found")
@@ -126,7 +133,10 @@ class FeedbackEndpoint:
         client = self.keys.authenticate(request)
         body = await read_json(request, self.max_body_bytes)
         feedback = parse_feedback(body)
-        stored = await run_in_threadpool(self._store, feedback, client.key_id)
+        try:
+            stored = await run_in_threadpool(self._store, feedback, client.key_id)
+        except SQLAlchemyError as exc:
+            raise ledger_unavailable() from exc
         self.metrics.feedback.labels(stored["route"] or "unknown", "client", stored["label"]).inc()
         return json_response({
             "object": "feedback",

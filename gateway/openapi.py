@@ -232,7 +232,7 @@ _ERRORS = {
     "model": {"401": "No or an unknown API key", "404": "Unknown model"},
     "feedback": {"400": "The body is invalid (the error names the field)", "401": "No or an unknown API key",
                  "404": "No request with this id was made with this key", "409": "The request got no answer to label",
-                 "413": "The body is too large"},
+                 "413": "The body is too large", "503": "The ledger database is unavailable"},
 }
 
 

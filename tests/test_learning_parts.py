@@ -118,3 +118,20 @@ def test_labels_replace_per_source_and_an_old_ledger_is_upgraded(tmp_path: Path)
         assert labels[1]["sample_rate"] == 0.1
     finally:
         ledger.close()
+
+
+def test_feedback_while_the_ledger_is_unreachable_is_a_503_not_a_500(tmp_path: Path) -> None:
+    from starlette.testclient import TestClient
+
+    from gateway.app import create_app
+    from gateway.settings import parse_config
+
+    config = parse_config(f"""
+auth: {{required: false}}
+ledger: {{url: "sqlite:///{tmp_path / 'missing' / 'ledger.db'}", spill_path: "{tmp_path / 'spill.jsonl'}"}}
+artifacts: {{dir: "{tmp_path / 'artifacts'}", watch_interval_s: 0}}
+""")
+    with TestClient(create_app(config, backends={})) as client:
+        reply = client.post("/v1/feedback", json={"request_id": "abc", "label": "good"})
+    assert reply.status_code == 503, reply.text
+    assert reply.json()["error"]["code"] == "ledger_unavailable" and reply.headers["retry-after"] == "5"
