@@ -27,7 +27,6 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
-from gateway.auth import KeyStore
 from gateway.errors import APIError, bad_request, unauthorized
 from gateway.estimates import LiveEstimates, ledger_estimates
 from gateway.feedback import ledger_unavailable
@@ -41,12 +40,11 @@ MAX_WINDOW = timedelta(days=90)
 
 
 class AdminGuard:
-    """Lets the admin key through; refuses client keys (403) and anonymous calls (401)."""
+    """Lets the admin key through; refuses any other key, a client's included (403), and anonymous calls (401)."""
 
-    def __init__(self, keys: KeyStore, secret: str | None = None) -> None:
+    def __init__(self, secret: str | None = None) -> None:
         secret = secret if secret is not None else os.environ.get(ADMIN_KEY_ENV)
         self._digest = hashlib.sha256(secret.encode()).digest() if secret else None
-        self.keys = keys
 
     @property
     def enabled(self) -> bool:

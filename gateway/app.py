@@ -134,7 +134,7 @@ def create_app(config: FrugalConfig, *, backends: dict[str, Backend] | None = No
     async def post_feedback(request: Request) -> Response:
         return await feedback.handle(request)
 
-    app.include_router(admin_routes(AdminGuard(keys), switch, ledger, estimates, config.limits.max_body_bytes))
+    app.include_router(admin_routes(AdminGuard(), switch, ledger, estimates, config.limits.max_body_bytes))
     app.include_router(model_routes([m.name for m in config.models] + [r.name for r in config.routes], keys))
     app.include_router(operations_routes(ledger, router.pool.cooldown, metrics))
     return app

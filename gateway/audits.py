@@ -158,6 +158,10 @@ class Auditor:
         return self._embed(texts)
 
     # -- after an answer ------------------------------------------------------------------------------------
+    def applies_to(self, route: object) -> bool:
+        """Whether answers of `route` may be labelled (a cascade with its learning settings, content stored)."""
+        return self.store_content and isinstance(route, CascadeRoute) and route.name in self.learning
+
     def after(self, answered: Answered) -> None:
         """Schedule what this answer calls for (nothing on the client's time): escalation labels, an audit."""
         learning = self.learning.get(answered.route.name)

@@ -27,7 +27,6 @@ from gateway.recorder import Recorder, RequestRecord
 from gateway.requests import ParsedRequest, parse_request, read_json
 from gateway.responses import SSEWriter, completion_body
 from gateway.trace_headers import trace_headers
-from router.cascade import CascadeRoute
 from router.failures import RouteFailed, RouteIncapable, RouteUnavailable
 from router.prompts import answer_each_prompt
 from router.route import Route, Router
@@ -148,7 +147,7 @@ class CompletionsEndpoint:
                       ) -> Callable[[], Awaitable[None]] | None:
         """What runs once the client has the whole answer: audits and labels (`gateway.audits`), or None."""
         auditor = self.auditor
-        if auditor is None or not isinstance(route, CascadeRoute) or route.name not in auditor.learning:
+        if auditor is None or not auditor.applies_to(route):
             return None
 
         async def after() -> None:

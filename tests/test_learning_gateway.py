@@ -124,6 +124,7 @@ def test_audits_label_accepted_answers_after_the_response_at_the_operators_cost(
             verdict = compare(query, _recorded(grid, q, rejected), answer)
             assert label["label"] == ("good" if verdict.agree else "bad")
     assert audited >= 3 and escalated >= 3, (audited, escalated)
+    wait_until(lambda: len(_rows(gateway, purpose="audit")) == audited, what="every audit's row")
     assert not _rows(gateway, purpose="audit", key_id="test-key")
     assert _metric(gateway, "frugal_audits_total", route=ROUTE) == audited
     assert _metric(gateway, "frugal_audit_spend_usd_total", route=ROUTE) > 0
@@ -158,7 +159,8 @@ def test_audits_respect_their_daily_budget_and_rate(make_gateway: Callable[..., 
     audits = wait_until(lambda: _rows(gateway, purpose="audit"), what="an audit row")
     assert skipped >= 1
     assert sum(r["cost_usd"] for r in audits) <= budget
-    assert _labels(gateway, audits[0]["parent_id"])[0]["source"] == "audit"
+    label = wait_until(lambda: _labels(gateway, audits[0]["parent_id"]), what="the audit's label")[0]
+    assert label["source"] == "audit"
 
 
 def test_without_content_storage_or_with_rate_zero_nothing_is_audited(
