@@ -154,7 +154,7 @@ def judges_at_equal_false_accept(ledger_url: str, ids: set[str], candidate: Path
         scores = np.array(judge.score_features(x))
         row: list[object] = [name, len(held), f"{(~good).mean():.2f}"]
         for level in FA_LEVELS:
-            figures = evaluate(scores, good, weights, choose_threshold(scores, good, weights, level))
+            figures = evaluate(scores, good, weights, choose_threshold(scores, good, weights, level, confident=False))
             row.append(f"{figures.accept_share:.1%}" if figures.false_accept is not None else "0%")
         out.append(row)
     return out

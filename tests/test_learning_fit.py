@@ -112,10 +112,14 @@ def test_the_threshold_meets_the_target_with_the_largest_share() -> None:
     scores = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
     good = np.array([False, False, True, False, True, True, True, True, True])
     weights = np.ones(9)
-    t = choose_threshold(scores, good, weights, 0.2)
+    t = choose_threshold(scores, good, weights, 0.2, confident=False)
     assert t == 0.3  # 0.3 and above: 1 bad of 7
     assert evaluate(scores, good, weights, t).false_accept == pytest.approx(1 / 7)
-    assert choose_threshold(scores, ~np.ones(9, dtype=bool), weights, 0.2) == 1.0  # nothing meets it
+    assert choose_threshold(scores, ~np.ones(9, dtype=bool), weights, 0.2, confident=False) == 1.0  # none does
+    # confidently within 0.2: 1 bad of 7 could well be 0.2 or more (the interval reaches 0.51); 0 of 5 cannot
+    assert choose_threshold(scores, good, weights, 0.2) == 1.0
+    many = np.repeat(scores, 20), np.repeat(good, 20), np.ones(180)
+    assert choose_threshold(*many, 0.2) == 0.5  # 0 bad of 100: the interval ends at 0.04
 
 
 def test_a_refit_from_a_mis_set_threshold_is_promoted_and_made_current(tmp_path: Path) -> None:

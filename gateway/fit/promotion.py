@@ -65,14 +65,20 @@ def evaluate(scores: np.ndarray, good: np.ndarray, weights: np.ndarray, threshol
                    int((accepted & ~good).sum()))
 
 
-def choose_threshold(scores: np.ndarray, good: np.ndarray, weights: np.ndarray, target: float) -> float:
-    """The threshold keeping the largest weighted share of answers whose weighted false-accept rate is at most
-    `target`; 1.0 (accept almost nothing) when no threshold meets it."""
+def choose_threshold(scores: np.ndarray, good: np.ndarray, weights: np.ndarray, target: float,
+                     confident: bool = True) -> float:
+    """The threshold keeping the largest weighted share of answers whose false-accept rate is within `target`;
+    1.0 (accept almost nothing) when no threshold is. `confident`: within it means the Wilson 95% interval's
+    high end of the false accepts (counted) is at most `target` as well as the weighted estimate, so that a
+    threshold fitted on few labels does not sit on the edge and miss the target on the next ones."""
     best, best_share = 1.0, -1.0
     for t in np.unique(scores):
         figures = evaluate(scores, good, weights, float(t))
-        if figures.false_accept is not None and figures.false_accept <= target and figures.accept_share > best_share:
-            best, best_share = float(t), figures.accept_share
+        if figures.false_accept is None or figures.false_accept > target or figures.accept_share <= best_share:
+            continue
+        if confident and (interval := wilson(figures.bad, figures.accepted)) is not None and interval[2] > target:
+            continue
+        best, best_share = float(t), figures.accept_share
     return best
 
 
