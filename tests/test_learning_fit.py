@@ -108,6 +108,16 @@ def test_the_split_is_by_time_and_weights_follow_the_sampling(tmp_path: Path) ->
     assert len(test) == round(len(answers) * 0.3)
 
 
+def test_since_keeps_only_newer_requests(tmp_path: Path) -> None:
+    write_ledger(tmp_path, 0.5, lambda i, s: s > 0.3)
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    since = START + timedelta(minutes=120)
+    every, newer = labelled_answers(url, ROUTE, LOCAL), labelled_answers(url, ROUTE, LOCAL, since=since)
+    assert 0 < len(newer) < len(every)
+    assert [a.request_id for a in newer] == [a.request_id for a in every if int(a.request_id[1:]) >= 120]
+    assert all(a.group == a.request_id for a in every)  # no query_hash in these traces
+
+
 def test_the_threshold_meets_the_target_with_the_largest_share() -> None:
     scores = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
     good = np.array([False, False, True, False, True, True, True, True, True])
