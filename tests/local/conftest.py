@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from workers.local.catalog import build, smollm2_gguf
+from workers.local.downloads import fetch, fetched_path, not_fetched_message
 
 
 def _models_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -24,6 +25,21 @@ def smollm2_source() -> Path:
         if os.environ.get("CI") == "true":
             pytest.fail(message)
         pytest.skip(message)
+
+
+QWEN_05B = "qwen2.5-coder-0.5b-instruct"
+
+
+@pytest.fixture(scope="session")
+def qwen05_source() -> Path:
+    """The real Qwen2.5-Coder-0.5B GGUF (~490 MB): fetched once under CI into the models cache outside the
+    repository (`frugal models fetch`), skipped elsewhere until someone fetches it."""
+    path = fetched_path(QWEN_05B)
+    if path is not None:
+        return path
+    if os.environ.get("CI") == "true":
+        return fetch(QWEN_05B)
+    pytest.skip(not_fetched_message(QWEN_05B))
 
 
 @pytest.fixture(scope="session")

@@ -22,49 +22,79 @@ D, HEADS, KV, FFN, VOCAB, LAYERS = 64, 4, 2, 128, 320, 2
 QT = gguf.GGMLQuantizationType
 
 
+#: Where each K-quant block keeps its float16 super-block scales, and a size for them that gives weights of
+#: about the magnitude of the other types' (d·sc·q with 6-bit sc, or Q6_K's 8-bit sc, and the quant's q).
+K_SCALES = {QT.Q4_K: ((0, 2), 2e-4), QT.Q5_K: ((0, 2), 1e-4), QT.Q6_K: ((208,), 3e-5)}
+
+
+def random_k_blocks(rng: np.random.Generator, shape: tuple[int, int], qtype: QT) -> np.ndarray:
+    """Rows of random K-quant blocks (gguf-py cannot quantize to K-quants): every packed value, scale and minimum
+    random, the float16 super-block scales small."""
+    rows, cols = shape
+    size = gguf.GGML_QUANT_SIZES[qtype][1]
+    raw = rng.integers(0, 256, size=(rows, cols // 256, size), dtype=np.uint8)
+    starts, top = K_SCALES[qtype]
+    for start in starts:
+        raw[:, :, start:start + 2] = (rng.random((rows, cols // 256, 1)) * top).astype(np.float16).view(np.uint8)
+    return raw.reshape(rows, -1)
+
+
 def write_gguf(path: Path, arch: str, weight_type: QT, seed: int = 0,
-               transform: Callable[[np.ndarray], np.ndarray] | None = None) -> Path:
-    """A random model; `transform` is applied to every float matrix before it is written."""
+               transform: Callable[[np.ndarray], np.ndarray] | None = None, *, d: int = D, ffn: int = FFN,
+               types: Callable[[str], QT] | None = None, chat_template: str | None = None) -> Path:
+    """A random model; `transform` is applied to every float matrix before it is written; `types` chooses a
+    matrix's type by name (K-quants need `d` and `ffn` multiples of 256)."""
     rng = np.random.default_rng(seed)
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(LAYERS)
     writer.add_context_length(256)
-    writer.add_embedding_length(D)
-    writer.add_feed_forward_length(FFN)
+    writer.add_embedding_length(d)
+    writer.add_feed_forward_length(ffn)
     writer.add_head_count(HEADS)
     writer.add_head_count_kv(KV)
     writer.add_rope_freq_base(10000.0)
     writer.add_layer_norm_rms_eps(1e-6)
-    writer.add_rope_dimension_count(D // HEADS)
+    writer.add_rope_dimension_count(d // HEADS)
     writer.add_vocab_size(VOCAB)
+    if chat_template is not None:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre("gpt-2")
+        writer.add_token_list([chr(c) for c in range(33, 33 + VOCAB)])
+        writer.add_token_types([1] * VOCAB)
+        writer.add_token_merges([])
+        writer.add_eos_token_id(0)
+        writer.add_chat_template(chat_template)
 
     def tensor(name: str, shape: tuple[int, ...], scale: float = 0.08, quantize: bool = True) -> None:
         value = (rng.normal(size=shape) * scale).astype(np.float32)
         if transform is not None and len(shape) == 2:
             value = transform(value)
-        if quantize and weight_type != QT.F32 and len(shape) == 2:
-            writer.add_tensor(name, gguf.quants.quantize(value, weight_type), raw_dtype=weight_type)
+        kind = types(name) if types is not None and len(shape) == 2 else weight_type
+        if kind in K_SCALES:
+            writer.add_tensor(name, random_k_blocks(rng, (shape[0], shape[1]), kind), raw_dtype=kind)
+        elif quantize and kind != QT.F32 and len(shape) == 2:
+            writer.add_tensor(name, gguf.quants.quantize(value, kind), raw_dtype=kind)
         else:
             writer.add_tensor(name, value)
 
-    tensor("token_embd.weight", (VOCAB, D), 0.5)
+    tensor("token_embd.weight", (VOCAB, d), 0.5)
     for i in range(LAYERS):
         p = f"blk.{i}."
-        writer.add_tensor(p + "attn_norm.weight", (1 + rng.normal(size=D) * 0.1).astype(np.float32))
-        writer.add_tensor(p + "ffn_norm.weight", (1 + rng.normal(size=D) * 0.1).astype(np.float32))
-        tensor(p + "attn_q.weight", (D, D))
-        tensor(p + "attn_k.weight", (KV * D // HEADS, D))
-        tensor(p + "attn_v.weight", (KV * D // HEADS, D))
-        tensor(p + "attn_output.weight", (D, D))
-        tensor(p + "ffn_gate.weight", (FFN, D))
-        tensor(p + "ffn_up.weight", (FFN, D))
-        tensor(p + "ffn_down.weight", (D, FFN))
+        writer.add_tensor(p + "attn_norm.weight", (1 + rng.normal(size=d) * 0.1).astype(np.float32))
+        writer.add_tensor(p + "ffn_norm.weight", (1 + rng.normal(size=d) * 0.1).astype(np.float32))
+        tensor(p + "attn_q.weight", (d, d))
+        tensor(p + "attn_k.weight", (KV * d // HEADS, d))
+        tensor(p + "attn_v.weight", (KV * d // HEADS, d))
+        tensor(p + "attn_output.weight", (d, d))
+        tensor(p + "ffn_gate.weight", (ffn, d))
+        tensor(p + "ffn_up.weight", (ffn, d))
+        tensor(p + "ffn_down.weight", (d, ffn))
         if arch == "qwen2":
-            for n, size in (("q", D), ("k", KV * D // HEADS), ("v", KV * D // HEADS)):
+            for n, size in (("q", d), ("k", KV * d // HEADS), ("v", KV * d // HEADS)):
                 tensor(p + f"attn_{n}.bias", (size,), 0.1, quantize=False)
-    writer.add_tensor("output_norm.weight", (1 + rng.normal(size=D) * 0.1).astype(np.float32))
+    writer.add_tensor("output_norm.weight", (1 + rng.normal(size=d) * 0.1).astype(np.float32))
     if arch == "qwen2":
-        tensor("output.weight", (VOCAB, D), 0.3)
+        tensor("output.weight", (VOCAB, d), 0.3)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -100,6 +130,56 @@ def test_graph_matches_the_reference(tmp_path: Path, arch: str, weight_type: QT,
     cache = session.new_cache(64)
     got = np.concatenate([session.forward(ids[:25], cache, 0), session.forward(ids[25:], cache, 0)])
     assert np.abs(got - expected).max() < 1e-3
+
+
+def q4_k_m_like(name: str) -> QT:
+    """A mix of types as a Q4_K_M file has them, with every exactly-mapped type and both block sizes inside one
+    packed projection (Q/K in Q4_K, V in Q6_K: blocks of 32 with offsets next to blocks of 16)."""
+    for part, kind in (("attn_q", QT.Q4_K), ("attn_k", QT.Q4_K), ("attn_v", QT.Q6_K), ("attn_output", QT.Q5_0),
+                       ("ffn_gate", QT.Q5_K), ("ffn_up", QT.Q5_1), ("ffn_down", QT.Q6_K), ("output", QT.Q8_0)):
+        if part in name:
+            return kind
+    return QT.Q5_0  # token_embd
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_k_quants_and_5_bit_blocks_are_computed_exactly(tmp_path: Path, quant: str) -> None:
+    source = write_gguf(tmp_path / "qwen2-kquants.gguf", "qwen2", QT.F32, d=256, ffn=512, types=q4_k_m_like)
+    model = GGUFModel(source)
+    assert {model.tensor_type(n) for n in model.matrix_names()} == {"Q4_K", "Q5_K", "Q6_K", "Q5_0", "Q5_1", "Q8_0"}
+    session = DecoderSession(build(tmp_path, source, quant, "fp32"), threads=1)
+    ids = np.random.default_rng(6).integers(0, VOCAB, size=40)
+    expected, _ = forward(load_gguf_weights(source), ids)
+    got = session.forward(ids, session.new_cache(48), 0)
+    assert np.abs(expected).max() > 1.0  # the logits are not trivially small
+    assert np.abs(got - expected).max() < 1e-3
+
+
+def test_the_builder_reports_how_each_type_is_held(tmp_path: Path) -> None:
+    from workers.local.catalog import weight_report
+
+    source = write_gguf(tmp_path / "qwen2-kquants.gguf", "qwen2", QT.F32, d=256, ffn=512, types=q4_k_m_like)
+    report = weight_report(GGUFModel(source), "int8")
+    assert {kind: entry["held"] for kind, entry in report.items()} == dict.fromkeys(
+        ["Q4_K", "Q5_K", "Q6_K", "Q5_0", "Q5_1", "Q8_0"], "exact")
+    assert report["Q6_K"]["tensors"] == 2 * LAYERS
+    mixed = write_gguf(tmp_path / "q2k.gguf", "llama", QT.F32)
+    assert weight_report(GGUFModel(mixed), "int8")["F32"]["held"] == "mixed"  # embeddings float, layers 8-bit
+
+
+@pytest.mark.parametrize(("template", "message"), [
+    ("{{ ''.__class__.__mro__[1].__subclasses__() }}", "Python internals"),
+    ("{% for m in messages %}{{ m.content.__init__.__globals__ }}{% endfor %}", "Python internals"),
+    ("{% for m in messages %}{{ m['content'] }", "cannot render"),
+])
+def test_a_hostile_or_broken_chat_template_stops_the_build(tmp_path: Path, template: str, message: str) -> None:
+    from workers.local.catalog import build as build_model
+    from workers.local.gguf_model import UnsupportedModel
+
+    source = write_gguf(tmp_path / "hostile.gguf", "llama", QT.F32, chat_template=template)
+    with pytest.raises(UnsupportedModel, match=message):
+        build_model(str(source), "int8", root=tmp_path / "models")
+    assert not list((tmp_path / "models").glob("*/frugal_model.json"))  # nothing built
 
 
 def test_int8_activations_stay_close(tmp_path: Path) -> None:

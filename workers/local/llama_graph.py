@@ -29,6 +29,7 @@ from workers.local.quantize import (
     quantize_asymmetric4,
     split_int8,
     symmetric_blocks,
+    with_block,
 )
 from workers.local.runtime import DECODE_GRAPH
 
@@ -62,12 +63,12 @@ class _Graph:
         self._shared: dict[str, str] = {}
         self._count = 0
 
-    def block_indicator(self, k: int) -> str:
-        """[k, k / 32] with ones where row k belongs to block b: x @ it = per-block sums (shared per k)."""
-        name = f"block_indicator_{k}"
+    def block_indicator(self, k: int, block: int) -> str:
+        """[k, k / block] with ones where row k belongs to block b: x @ it = per-block sums (shared)."""
+        name = f"block_indicator_{k}_{block}"
         if name not in self._shared:
-            indicator = np.zeros((k, k // GGUF_BLOCK), dtype=np.float32)
-            indicator[np.arange(k), np.arange(k) // GGUF_BLOCK] = 1.0
+            indicator = np.zeros((k, k // block), dtype=np.float32)
+            indicator[np.arange(k), np.arange(k) // block] = 1.0
             self._shared[name] = self.const(name, indicator)
         return self._shared[name]
 
@@ -95,10 +96,11 @@ class _Graph:
                    bias: np.ndarray | None = None) -> str:
         """x @ W^T for W = the named GGUF tensors stacked along N (e.g. Q, K and V as one packed QKV).
 
-        Quantized modes keep GGUF blocks exactly where they map onto MatMulNBits (Q4_0, Q4_1, Q8_0): the
-        graph computes with the source's own integers and scales, 4-bit values on 4-bit blocks in either
-        mode (an 8-bit container would add nothing but bytes). Other types are dequantized and quantized
-        again: 8-bit symmetric blocks (int8) or 4-bit blocks with zero points (int4)."""
+        Quantized modes keep GGUF blocks exactly where they map onto MatMulNBits (`EXACT_GGUF_TYPES`: Q4_0,
+        Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K): the graph computes with the source's own integers and scales,
+        4-bit values on 4-bit blocks and wider ones on the 8-bit path, in either mode (an 8-bit container would
+        add nothing but bytes to 4-bit values; 4 bits would lose the others). Other types are dequantized and
+        quantized again: 8-bit symmetric blocks (int8) or 4-bit blocks with zero points (int4)."""
         if self.dynamic_int8:
             return self.dynamic_int8_matmul(x, np.concatenate([model.tensor(t) for t in tensors], axis=0), name,
                                             bias)
@@ -119,9 +121,9 @@ class _Graph:
         activations, or split into two 4-bit halves (`split_int8`) to keep float activations fast."""
         offsets = []
         if blocks.offset is not None:
-            # Per-block offsets (Q4_1's minimum): the sum of x over each block of 32 (one matmul with a 0/1
-            # block indicator), times the block's constant.
-            sums = self.op1("MatMul", [x, self.block_indicator(blocks.k)])
+            # Per-block offsets (Q4_1's and the K-quants' minimums): the sum of x over each block (one matmul
+            # with a 0/1 block indicator), times the block's constant.
+            sums = self.op1("MatMul", [x, self.block_indicator(blocks.k, blocks.block)])
             offsets.append(self.op1("MatMul", [sums, self.const(f"{name}.offsets_t",
                                                                 np.ascontiguousarray(blocks.offset.T))]))
         if blocks.fits_4_bits:
@@ -140,7 +142,7 @@ class _Graph:
 
     def _two_pass(self, x: str, q: Quantized, name: str, bias: np.ndarray | None, addends: list[str]) -> str:
         """x @ W^T with int8 dot products that lose almost nothing: x = hi + lo, where hi is x on the int8 grid
-        onnxruntime itself uses (per block of 32, scale = absmax / 127), so its int8 quantization of hi is
+        onnxruntime itself uses (per weight block, scale = absmax / 127), so its int8 quantization of hi is
         lossless, and lo = x - hi is small; both run as one MatMulNBits call of twice the rows (accuracy
         level 4), whose two halves are summed. The rounding left is that of lo's own quantization, ~1/127²
         of each block's range. A decode step of one to four sequences measured 1.2-1.5x faster than with float
@@ -148,14 +150,16 @@ class _Graph:
         are faster with float activations."""
         if "two_pass_inverse_127" not in self._shared:
             self._shared["two_pass_inverse_127"] = self.const("two_pass_inverse_127", np.array(1 / 127, np.float32))
-            self._shared["two_pass_blocks"] = self.const("two_pass_blocks", np.array([-1, GGUF_BLOCK], np.int64))
             self._shared["two_pass_axis1"] = self.const("two_pass_axis1", np.array([1], np.int64))
             self._shared["two_pass_minus_one"] = self.const("two_pass_minus_one", np.array([-1], np.int64))
-        # Work on x as rows of one block each, [batch * seq * K / 32, 32], so that the quantization is per row
-        # (per-axis): onnxruntime's per-axis (De)QuantizeLinear is 2-5x faster than its blocked form (measured).
+        # Work on x as rows of one weight block each, [batch * seq * K / block, block], so that the quantization is
+        # per row (per-axis): onnxruntime's per-axis (De)QuantizeLinear is 2-5x faster than its blocked form (measured).
         # A block of zeros gets scale 0: whatever QuantizeLinear makes of 0/0, DequantizeLinear multiplies it by
         # 0, so hi and lo are 0 there, as they should be (and onnxruntime's own quantization of it is 0 too).
-        blocks = self.op1("Reshape", [x, "two_pass_blocks"])
+        rows = f"two_pass_blocks_{q.block_size}"
+        if rows not in self._shared:
+            self._shared[rows] = self.const(rows, np.array([-1, q.block_size], np.int64))
+        blocks = self.op1("Reshape", [x, self._shared[rows]])
         absmax = self.op1("ReduceMax", [self.op1("Abs", [blocks]), "two_pass_axis1"], keepdims=0)
         scale = self.op1("Mul", [absmax, "two_pass_inverse_127"])
         grid = self.op1("QuantizeLinear", [blocks, scale], axis=0, output_dtype=TensorProto.INT8)
@@ -213,7 +217,10 @@ class _Graph:
 
 
 def _stack(parts: list[IntBlocks]) -> IntBlocks:
-    """Blocks of several tensors with the same K, stacked along N (one packed projection)."""
+    """Blocks of several tensors with the same K, stacked along N (one packed projection), in the smallest
+    block any of them uses (Q4_K's Q and K with Q6_K's V: blocks of 16)."""
+    block = min(p.block for p in parts)
+    parts = [with_block(p, block) for p in parts]
     offset = None
     if any(p.offset is not None for p in parts):
         offset = np.concatenate([p.offset if p.offset is not None else np.zeros_like(p.scale) for p in parts])

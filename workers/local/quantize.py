@@ -4,20 +4,37 @@
 `block_size` along K, each block with a float scale and an integer zero point: w = (q - zp) * scale.
 Without a zero-point input the zero point is 2^(bits-1) (symmetric quantization).
 
-Weights pass through one representation, `IntBlocks` (signed integers and a scale per block of 32, plus
-an optional per-block offset), whether they come from a GGUF's own blocks (kept exactly) or from float
-weights quantized here; they then become 4-bit blocks, 8-bit blocks, or 8-bit values split into two 4-bit
-halves (`split_int8`).
+Weights pass through one representation, `IntBlocks` (signed integers and a scale per block of 32 or 16
+weights, plus an optional per-block offset), whether they come from a GGUF's own blocks (kept exactly) or from
+float weights quantized here; they then become 4-bit blocks, 8-bit blocks, or 8-bit values split into two
+4-bit halves (`split_int8`).
+
+Which GGUF block types are kept exactly (`gguf_blocks`), with w = scale·q + offset per block:
+
+| type | block | q | offset |
+|---|---|---|---|
+| Q4_0 | 32 | 4-bit, q − 8 | none |
+| Q4_1 | 32 | 4-bit, q − 8 | m + 8d |
+| Q5_0 | 32 | 5-bit, q − 16 (8-bit path) | none |
+| Q5_1 | 32 | 5-bit, q − 16 (8-bit path) | m + 16d |
+| Q8_0 | 32 | 8-bit | none |
+| Q4_K | 32 (sub-block of 256) | 4-bit, q − 8, scale d·sc | −dmin·m + 8·d·sc |
+| Q5_K | 32 (sub-block of 256) | 5-bit, q − 16 (8-bit path), scale d·sc | −dmin·m + 16·d·sc |
+| Q6_K | 16 (sub-block of 256) | 6-bit, q − 32 (8-bit path), scale d·sc | none |
+
+Every other type (Q2_K, Q3_K, the IQ types, …) is dequantized and quantized again by the builder.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
-#: GGUF block types whose blocks (32 weights along K) map exactly onto MatMulNBits blocks.
-EXACT_GGUF_TYPES = frozenset({"Q4_0", "Q4_1", "Q8_0"})
+#: GGUF block types whose (sub-)blocks map exactly onto MatMulNBits blocks (table above).
+EXACT_GGUF_TYPES = frozenset({"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"})
+#: The block of the builder's own quantization, and of every GGUF type but Q6_K.
 GGUF_BLOCK = 32
 
 
@@ -34,9 +51,9 @@ class Quantized:
 
 @dataclass(frozen=True, slots=True)
 class IntBlocks:
-    """w = scale · q (+ offset) per block of `GGUF_BLOCK` weights along K."""
+    """w = scale · q (+ offset) per block of `block` weights along K (32, or 16 for Q6_K)."""
 
-    q: np.ndarray  # int8 [N, k_blocks, 32]
+    q: np.ndarray  # int8 [N, k_blocks, block]
     scale: np.ndarray  # float32 [N, k_blocks]
     #: float32 [N, k_blocks]: a constant added to every weight of the block (Q4_1's minimum), or None.
     offset: np.ndarray | None = None
@@ -48,6 +65,10 @@ class IntBlocks:
     @property
     def k(self) -> int:
         return self.q.shape[1] * self.q.shape[2]
+
+    @property
+    def block(self) -> int:
+        return self.q.shape[2]
 
     @property
     def fits_4_bits(self) -> bool:
@@ -67,7 +88,8 @@ def pack(blocks: IntBlocks, bits: int) -> Quantized:
         raise ValueError("these weights do not fit in 4 bits exactly")
     unsigned = (blocks.q.astype(np.int16) + (1 << (bits - 1))).astype(np.uint8)
     packed = _pack_nibbles(unsigned) if bits == 4 else np.ascontiguousarray(unsigned)
-    return Quantized(packed, blocks.scale.reshape(-1).astype(np.float32), None, blocks.n, blocks.k, bits, GGUF_BLOCK)
+    return Quantized(packed, blocks.scale.reshape(-1).astype(np.float32), None, blocks.n, blocks.k, bits,
+                     blocks.block)
 
 
 def split_int8(blocks: IntBlocks) -> Quantized:
@@ -86,7 +108,23 @@ def split_int8(blocks: IntBlocks) -> Quantized:
     scale = np.concatenate([16.0 * blocks.scale, blocks.scale], axis=1).astype(np.float32)
     n, count = blocks.scale.shape
     zero = np.concatenate([np.full((n, count), 8, np.uint8), np.zeros((n, count), np.uint8)], axis=1)
-    return Quantized(packed, scale.reshape(-1), _pack_nibbles(zero), n, 2 * blocks.k, 4, GGUF_BLOCK)
+    return Quantized(packed, scale.reshape(-1), _pack_nibbles(zero), n, 2 * blocks.k, 4, blocks.block)
+
+
+def with_block(blocks: IntBlocks, block: int) -> IntBlocks:
+    """The same weights in blocks of `block` (a divisor of `blocks.block`): each block's scale and offset
+    repeated over its pieces, so blocks of several tensors can be stacked into one projection exactly."""
+    if block == blocks.block:
+        return blocks
+    if blocks.block % block:
+        raise ValueError(f"blocks of {blocks.block} cannot be cut into blocks of {block}")
+    pieces = blocks.block // block
+    n, count = blocks.scale.shape
+
+    def spread(values: np.ndarray | None) -> np.ndarray | None:
+        return None if values is None else np.repeat(values, pieces, axis=1)
+
+    return IntBlocks(blocks.q.reshape(n, count * pieces, block), spread(blocks.scale), spread(blocks.offset))
 
 
 def symmetric_blocks(weight: np.ndarray, bits: int) -> IntBlocks:
@@ -143,26 +181,106 @@ def _halves(blocks: np.ndarray, start: int) -> np.ndarray:
 
 def gguf_blocks(raw: np.ndarray, type_name: str) -> IntBlocks:
     """GGUF quantized rows (uint8 [N, bytes per row]) as `IntBlocks`, without re-quantizing: the same
-    integers and scales, so the weights are exactly the source's.
+    integers and scales, so the weights are exactly the source's (the table at the top of this module).
 
-    Q4_0 (w = d·(q - 8)) and Q8_0 (w = d·q) are symmetric blocks as they stand. Q4_1 (w = d·q + m)
-    becomes d·(q - 8) plus the per-block offset m + 8d.
+    The K-quants' super-blocks of 256 weights carry a float16 `d` (and `dmin`) and small integer scales (and
+    minimums) per sub-block; their products d·sc are exact in float32, so each sub-block becomes one block.
     """
     if type_name not in EXACT_GGUF_TYPES:
         raise ValueError(f"{type_name} blocks do not map exactly onto MatMulNBits")
     n = raw.shape[0]
-    offset = None
-    if type_name == "Q8_0":
-        blocks = raw.reshape(n, -1, 34)
-        scale = _halves(blocks, 0)
-        q = np.ascontiguousarray(blocks[:, :, 2:]).view(np.int8)
-    else:
-        size = 18 if type_name == "Q4_0" else 20
-        blocks = raw.reshape(n, -1, size)
-        scale = _halves(blocks, 0)
-        packed = blocks[:, :, size - 16:]
-        # ggml packs element j in the low nibble of byte j and element j + 16 in its high nibble.
-        q = (np.concatenate([packed & 0x0F, packed >> 4], axis=-1).astype(np.int16) - 8).astype(np.int8)
-        if type_name == "Q4_1":
-            offset = (_halves(blocks, 2) + 8.0 * scale).astype(np.float32)
-    return IntBlocks(np.ascontiguousarray(q), scale.astype(np.float32), offset)
+    reader = _READERS[type_name]
+    blocks = raw.reshape(n, -1, reader[0])
+    q, scale, offset = reader[1](blocks)
+    return IntBlocks(np.ascontiguousarray(q.reshape(n, -1, reader[2]).astype(np.int8)),
+                     np.ascontiguousarray(scale.reshape(n, -1), dtype=np.float32),
+                     None if offset is None else np.ascontiguousarray(offset.reshape(n, -1), dtype=np.float32))
+
+
+_Parts = tuple[np.ndarray, np.ndarray, np.ndarray | None]  # q [N, blocks, ...], scale, offset
+
+
+def _nibbles(packed: np.ndarray) -> np.ndarray:
+    """ggml's 4-bit layout: element j in the low nibble of byte j, element j + len in its high nibble."""
+    return np.concatenate([packed & 0x0F, packed >> 4], axis=-1).astype(np.int16)
+
+
+def _high_bits(blocks: np.ndarray, start: int) -> np.ndarray:
+    """The 32 fifth bits of Q5_0/Q5_1 (a little-endian uint32 at `start`), element j at bit j, shifted to 16."""
+    qh = np.ascontiguousarray(blocks[:, :, start:start + 4]).view("<u4")[..., 0]
+    return (((qh[..., None] >> np.arange(32, dtype=np.uint32)) & 1) << 4).astype(np.int16)
+
+
+def _q8_0(blocks: np.ndarray) -> _Parts:
+    return np.ascontiguousarray(blocks[:, :, 2:]).view(np.int8), _halves(blocks, 0), None
+
+
+def _q4_0(blocks: np.ndarray) -> _Parts:
+    return _nibbles(blocks[:, :, 2:]) - 8, _halves(blocks, 0), None
+
+
+def _q4_1(blocks: np.ndarray) -> _Parts:
+    d = _halves(blocks, 0)
+    return _nibbles(blocks[:, :, 4:]) - 8, d, _halves(blocks, 2) + 8.0 * d
+
+
+def _q5_0(blocks: np.ndarray) -> _Parts:
+    return (_nibbles(blocks[:, :, 6:]) | _high_bits(blocks, 2)) - 16, _halves(blocks, 0), None
+
+
+def _q5_1(blocks: np.ndarray) -> _Parts:
+    d = _halves(blocks, 0)
+    return (_nibbles(blocks[:, :, 8:]) | _high_bits(blocks, 4)) - 16, d, _halves(blocks, 2) + 16.0 * d
+
+
+def _k_scales(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K/Q5_K's 8 six-bit scales and 8 six-bit minimums, packed in 12 bytes (ggml's get_scale_min_k4)."""
+    p = packed.astype(np.uint8)
+    low, high = p[..., 0:4], p[..., 4:8]
+    tail = p[..., 8:12]
+    scales = np.concatenate([low & 63, (tail & 0x0F) | ((low >> 6) << 4)], axis=-1)
+    minimums = np.concatenate([high & 63, (tail >> 4) | ((high >> 6) << 4)], axis=-1)
+    return scales.astype(np.float32), minimums.astype(np.float32)
+
+
+def _k_values(packed: np.ndarray) -> np.ndarray:
+    """Q4_K/Q5_K's 4-bit values, [.., 8, 32]: sub-block 2c from the low nibbles of bytes 32c .. 32c + 31,
+    sub-block 2c + 1 from their high nibbles."""
+    chunks = packed.reshape(*packed.shape[:-1], 4, 32)
+    return np.stack([chunks & 0x0F, chunks >> 4], axis=-2).reshape(*packed.shape[:-1], 8, 32).astype(np.int16)
+
+
+def _q4_k(blocks: np.ndarray) -> _Parts:
+    d, dmin = _halves(blocks, 0), _halves(blocks, 2)
+    sc, m = _k_scales(blocks[:, :, 4:16])
+    scale = d[..., None] * sc
+    return _k_values(blocks[:, :, 16:144]) - 8, scale, 8.0 * scale - dmin[..., None] * m
+
+
+def _q5_k(blocks: np.ndarray) -> _Parts:
+    d, dmin = _halves(blocks, 0), _halves(blocks, 2)
+    sc, m = _k_scales(blocks[:, :, 4:16])
+    qh = blocks[:, :, 16:48].astype(np.int16)  # bit b of byte l: the fifth bit of sub-block b's element l
+    fifth = ((qh[..., None, :] >> np.arange(8)[:, None]) & 1) << 4
+    scale = d[..., None] * sc
+    return (_k_values(blocks[:, :, 48:176]) | fifth) - 16, scale, 16.0 * scale - dmin[..., None] * m
+
+
+def _q6_k(blocks: np.ndarray) -> _Parts:
+    ql = blocks[:, :, 0:128].reshape(*blocks.shape[:2], 2, 64).astype(np.int16)
+    qh = blocks[:, :, 128:192].reshape(*blocks.shape[:2], 2, 32).astype(np.int16)
+    sc = np.ascontiguousarray(blocks[:, :, 192:208]).view(np.int8).astype(np.float32)
+    d = _halves(blocks, 208)
+    # Each half of 128: four runs of 32, low nibbles of ql[0:32], ql[32:64], then their high nibbles, with
+    # two high bits each from qh (bits 0-1, 2-3, 4-5, 6-7).
+    runs = [(ql[..., 0:32] & 0x0F), (ql[..., 32:64] & 0x0F), (ql[..., 0:32] >> 4), (ql[..., 32:64] >> 4)]
+    q = np.stack([run | (((qh >> (2 * i)) & 3) << 4) for i, run in enumerate(runs)], axis=-2) - 32
+    return q, d[..., None] * sc, None
+
+
+#: type -> (bytes per block, reader, weights per output block)
+_READERS: dict[str, tuple[int, Callable[[np.ndarray], _Parts], int]] = {
+    "Q8_0": (34, _q8_0, 32), "Q4_0": (18, _q4_0, 32), "Q4_1": (20, _q4_1, 32),
+    "Q5_0": (22, _q5_0, 32), "Q5_1": (24, _q5_1, 32),
+    "Q4_K": (144, _q4_k, 32), "Q5_K": (176, _q5_k, 32), "Q6_K": (210, _q6_k, 16),
+}
