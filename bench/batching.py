@@ -9,7 +9,8 @@
    the longest gap between two tokens of the running streams is measured with chunked prefill (256 tokens
    per step) and without (the whole prompt in one step).
 
-    .venv/bin/python bench/batching.py [--json] [--record] [--quant int8] [--threads N] [--tokens 64] [--rounds 5]
+    .venv/bin/python bench/batching.py [--model NAME] [--json] [--record] [--quant int8] [--threads N]
+        [--tokens 64] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -106,6 +107,7 @@ def prefill_stall(folder: Path, threads: int | None, chunk: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="a catalogue model (fetched if downloadable)")
     parser.add_argument("--quant", default="int8")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--tokens", type=int, default=64)
@@ -113,7 +115,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--record", action="store_true")
     args = parser.parse_args()
-    folder = build("smollm2-135m-instruct", args.quant)
+    folder = build(args.model, args.quant)
     generator = LocalGenerator(folder, threads=args.threads, engine=EngineConfig(max_batch=16, prefix_cache_bytes=0))
     concurrency_level(generator, 2, 8)  # warm-up
     rounds = [[concurrency_level(generator, n, args.tokens) for n in (1, 4, 8, 16)] for _ in range(args.rounds)]
@@ -143,7 +145,7 @@ def main() -> None:
              "rounds, each ratio taken within its round. Aggregate decode tok/s: sequence-steps "
              "decoded per second spent in decode steps (the engine's counters); end-to-end: tokens generated per "
              "second of wall time. A 1,000-token prompt arriving while four streams decode:\n\n" + stall_table)
-    emit(args, "Continuous batching (SmolLM2-135M-Instruct)", "bench/batching.py",
+    emit(args, f"Continuous batching ({args.model})", "bench/batching.py",
          {"levels": levels, "rounds": rounds, "prefill_stall": stalls}, table, notes)
 
 

@@ -9,7 +9,11 @@ engine runs in a child process of its own so its peak RSS is its own. Also: wher
 (onnxruntime profile, default build) and the memory bandwidth bound (weight bytes read per token / measured
 bandwidth).
 
-    .venv/bin/python bench/local_engine.py [--json] [--record] [--threads N] [--decode-tokens N] [--rounds N]
+    .venv/bin/python bench/local_engine.py [--model NAME] [--json] [--record] [--threads N] [--decode-tokens N]
+        [--rounds N]
+
+`--model`: smollm2-135m-instruct (default) or a fetched catalogue model (qwen2.5-coder-0.5b-instruct); every
+engine runs that model's GGUF.
 """
 
 from __future__ import annotations
@@ -31,7 +35,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import emit, markdown_table  # noqa: E402
-from workers.local.catalog import build, models_dir, smollm2_gguf  # noqa: E402
+from workers.local.catalog import KNOWN, build, models_dir  # noqa: E402
+
+#: The model every engine runs (`--model`), and its GGUF.
+MODEL = "smollm2-135m-instruct"
+
+
+def source_gguf() -> Path:
+    return KNOWN[MODEL][1](None)
 
 #: (quant, compute, label): float32, the default (weight-only int8: for this Q4_1 GGUF the same graph as int4),
 #: and the fast profile with int8 activations.
@@ -42,7 +53,7 @@ def prompt_ids(n: int) -> list[int]:
     """n real tokens: a chat prompt around a long passage (the same ids for every engine)."""
     from workers.local.gguf_tokenizer import load_gguf_tokenizer
 
-    bundle = load_gguf_tokenizer(smollm2_gguf())
+    bundle = load_gguf_tokenizer(source_gguf())
     passage = " ".join(["The history of the printing press shows how a technology spreads: slowly, then "
                         "all at once, as costs fall and readers multiply."] * 40)
     text = bundle.chat_template.render([{"role": "user", "content": passage + " Summarise this."}])
@@ -72,7 +83,7 @@ ANSWER_PROMPTS = ["What is the capital of France?", "What is 2 + 2?", "Name thre
 def fidelity_ids() -> list[int]:
     from workers.local.gguf_tokenizer import load_gguf_tokenizer
 
-    return load_gguf_tokenizer(smollm2_gguf()).tokenizer.encode(FIDELITY_TEXT, add_special_tokens=False).ids
+    return load_gguf_tokenizer(source_gguf()).tokenizer.encode(FIDELITY_TEXT, add_special_tokens=False).ids
 
 
 def peak_rss_mb() -> float:
@@ -130,7 +141,7 @@ def child_ours(folder: str, threads: int, decode_tokens: int, fidelity: bool) ->
 def child_llamacpp(threads: int, decode_tokens: int, fidelity: bool) -> dict:
     import llama_cpp
 
-    llm = llama_cpp.Llama(model_path=str(smollm2_gguf()), n_ctx=1024, n_threads=threads, n_batch=512,
+    llm = llama_cpp.Llama(model_path=str(source_gguf()), n_ctx=1024, n_threads=threads, n_batch=512,
                           verbose=False)
     long_prompt = prompt_ids(500)
     times = []
@@ -156,7 +167,7 @@ def child_llamacpp(threads: int, decode_tokens: int, fidelity: bool) -> dict:
     if not fidelity:
         return result
     ids = fidelity_ids()
-    scorer = llama_cpp.Llama(model_path=str(smollm2_gguf()), n_ctx=1024, n_threads=threads, logits_all=True,
+    scorer = llama_cpp.Llama(model_path=str(source_gguf()), n_ctx=1024, n_threads=threads, logits_all=True,
                              verbose=False)
     scorer.eval(ids)
     result["argmax"] = np.asarray(scorer.scores[:len(ids)]).argmax(-1).tolist()
@@ -278,6 +289,7 @@ def run_child(args: list[str], python: str = sys.executable) -> dict | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=MODEL, help="smollm2-135m-instruct or a fetched catalogue model")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--decode-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=5, help="measurements of every engine, interleaved")
@@ -290,6 +302,8 @@ def main() -> None:
     parser.add_argument("--ids-file", help=argparse.SUPPRESS)
     parser.add_argument("--fidelity", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global MODEL  # noqa: PLW0603 - one model per run, children included
+    MODEL = args.model
     if args.child == "ours":
         print(json.dumps(child_ours(args.folder, args.threads, args.decode_tokens, args.fidelity)))
         return
@@ -301,11 +315,11 @@ def main() -> None:
                                             args.fidelity)))
         return
 
-    common = ["--threads", str(args.threads), "--decode-tokens", str(args.decode_tokens)]
+    common = ["--model", MODEL, "--threads", str(args.threads), "--decode-tokens", str(args.decode_tokens)]
     engines: list[tuple[str, list[str], str]] = []  # (name, child arguments, interpreter)
     folders = {}
     for quant, compute, label in VARIANTS:
-        folder = build("smollm2-135m-instruct", quant, compute=compute)
+        folder = build(MODEL, quant, compute=compute)
         folders[label] = folder
         engines.append((f"frugal ONNX {label}", ["--child", "ours", "--folder", str(folder), *common], sys.executable))
     llama_name = "llama.cpp (llama-cpp-python 0.3.36)"
@@ -320,7 +334,7 @@ def main() -> None:
         ids_file = Path(tempfile.mkdtemp()) / "prompt_ids.json"
         ids_file.write_text(json.dumps(prompt_ids(500)))
         engines.append(("transformers + torch (CPU, fp32)", ["--child", "transformers", "--folder",
-                                                             str(smollm2_gguf()), "--ids-file", str(ids_file),
+                                                             str(source_gguf()), "--ids-file", str(ids_file),
                                                              *common], args.torch_python))
     else:
         print("transformers+torch: not measured (pass --torch-python with an interpreter that has them)",
@@ -370,7 +384,7 @@ def main() -> None:
              f"Memory bandwidth (numpy sum over 512 MB): {bandwidth:.1f} GB/s. Weight bytes read per decode step and "
              "the decode ceiling they imply: " + "; ".join(f"{q}: {per_token[q] / 1e6:.0f} MB -> {bound[q]:.0f} tok/s"
                                                           for q in per_token) + "."]
-    emit(args, "Local engine (SmolLM2-135M-Instruct)", "bench/local_engine.py",
+    emit(args, f"Local engine ({MODEL})", "bench/local_engine.py",
          {"results": results, "rounds": args.rounds, "profile_ms_per_step": profile, "bandwidth_gb_s": bandwidth,
           "weight_bytes_per_token": per_token, "models_dir": str(models_dir())}, table, "\n".join(notes))
 

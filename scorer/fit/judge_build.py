@@ -64,6 +64,8 @@ class Outcomes:
     x_two_samples: np.ndarray
     y: np.ndarray
     digest: str
+    #: Each outcome's row in its dataset's grid (to join with the pack's recorded answers of other models).
+    rows: np.ndarray | None = None
 
     def mask(self, split: str) -> np.ndarray:
         return self.splits == split
@@ -80,7 +82,8 @@ def graded_outcomes(grids: Sequence[Grid], folder: Path, embed: Embed | None = N
                     per_split: int | None = None) -> Outcomes:
     """The cached outcomes of `folder` for the graded datasets among `grids` (only the queries
     `chosen_queries(grid, per_split)` picks, so a larger cache builds the same judge), featurized and graded."""
-    cols: dict[str, list[Any]] = {k: [] for k in ("datasets", "splits", "kinds", "groups", "x", "x0", "x2", "y")}
+    cols: dict[str, list[Any]] = {k: [] for k in ("datasets", "splits", "kinds", "groups", "x", "x0", "x2", "y",
+                                                  "rows")}
     digest = hashlib.sha256()
     for grid in sorted(grids, key=lambda g: g.name):  # the order of --data never changes the judge
         if grid.name not in GRADED:
@@ -103,11 +106,12 @@ def graded_outcomes(grids: Sequence[Grid], folder: Path, embed: Embed | None = N
             cols["x0"].append(features(query, signals, embed, use_samples=False))
             cols["x2"].append(features(query, signals_of(row, 2), embed))
             cols["y"].append(float(grade(grid.name, query, row["text"], gold[q])))
+            cols["rows"].append(q)
     if not cols["y"]:
         raise ValueError(f"no graded outcomes in {folder}: run the local model on the pack first")
     return Outcomes(np.array(cols["datasets"]), np.array(cols["splits"]), np.array(cols["kinds"]),
                     np.array(cols["groups"]), np.vstack(cols["x"]), np.vstack(cols["x0"]), np.vstack(cols["x2"]),
-                    np.array(cols["y"]), digest.hexdigest())
+                    np.array(cols["y"]), digest.hexdigest(), np.array(cols["rows"]))
 
 
 def make_learner(name: str) -> Any:
@@ -249,4 +253,4 @@ def build(outcomes: Outcomes, out: Path, *, model: str, settings: JudgeSettings,
 def _restrict(outcomes: Outcomes, rows: np.ndarray) -> Outcomes:
     return Outcomes(outcomes.datasets[rows], outcomes.splits[rows], outcomes.kinds[rows], outcomes.groups[rows],
                     outcomes.x[rows], outcomes.x_no_samples[rows], outcomes.x_two_samples[rows], outcomes.y[rows],
-                    outcomes.digest)
+                    outcomes.digest, None if outcomes.rows is None else outcomes.rows[rows])
