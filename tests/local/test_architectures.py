@@ -167,6 +167,21 @@ def test_the_builder_reports_how_each_type_is_held(tmp_path: Path) -> None:
     assert weight_report(GGUFModel(mixed), "int8")["F32"]["held"] == "mixed"  # embeddings float, layers 8-bit
 
 
+def test_a_q6_k_output_layer_is_kept_exactly_for_re_scoring(tmp_path: Path) -> None:
+    from workers.local.catalog import build as build_model
+    from workers.local.head import ExactHead
+
+    def types(name: str) -> QT:
+        return QT.Q6_K if name == "output.weight" else q4_k_m_like(name)
+
+    source = write_gguf(tmp_path / "qwen2-q6k-head.gguf", "qwen2", QT.F32, d=256, ffn=512, types=types,
+                        chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    folder = build_model(str(source), "int8", root=tmp_path / "models")
+    rows = np.arange(VOCAB)
+    expected = load_gguf_weights(source).output
+    np.testing.assert_allclose(ExactHead(folder).rows(rows), expected, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize(("template", "message"), [
     ("{{ ''.__class__.__mro__[1].__subclasses__() }}", "Python internals"),
     ("{% for m in messages %}{{ m.content.__init__.__globals__ }}{% endfor %}", "Python internals"),

@@ -147,7 +147,7 @@ def _build_decoder(name: str, source: Path, quant: str, compute: str | None, out
     from workers.local.gguf_tokenizer import save_tokenizer  # noqa: PLC0415
     from workers.local.head import save_head  # noqa: PLC0415
     from workers.local.llama_graph import COMPUTE_LEVELS, DEFAULT_COMPUTE, QUANTS, build_llama_graph  # noqa: PLC0415
-    from workers.local.quantize import gguf_blocks, symmetric_blocks  # noqa: PLC0415
+    from workers.local.quantize import EXACT_GGUF_TYPES, gguf_blocks, symmetric_blocks  # noqa: PLC0415
 
     if quant not in QUANTS:
         raise ValueError(f"unknown quantization {quant!r}; choose from {', '.join(QUANTS)}")
@@ -165,8 +165,10 @@ def _build_decoder(name: str, source: Path, quant: str, compute: str | None, out
         say("exact output head")
         head = "token_embd.weight" if model.shape.tied_output else "output.weight"
         raw, type_name = model.raw(head)
-        exact = type_name in ("Q8_0", "Q4_0")  # symmetric blocks as they stand
-        save_head(out, gguf_blocks(raw, type_name) if exact else symmetric_blocks(model.tensor(head), 8))
+        blocks = gguf_blocks(raw, type_name) if type_name in EXACT_GGUF_TYPES else None
+        if blocks is None or blocks.offset is not None:  # only symmetric blocks are kept as they stand
+            blocks = symmetric_blocks(model.tensor(head), 8)
+        save_head(out, blocks)
     return {"name": name, "kind": "decoder", "quant": quant, "compute": compute, "shape": model.shape.to_json(),
             "max_positions": min(model.shape.context_length, 8192), "source_sha256": file_sha256(source),
             "weights": weight_report(model, quant)}

@@ -46,7 +46,7 @@ def top_candidates(logits: np.ndarray, k: int) -> np.ndarray:
 
 
 def save_head(out_dir: Path, blocks: IntBlocks) -> None:
-    """The output weights as int8 blocks with a scale each: weight = q8 * scale per block of 32."""
+    """The output weights as int8 blocks with a scale each: weight = q8 * scale per block (of 32, or 16)."""
     np.savez(out_dir / HEAD_FILE, q8=blocks.q.reshape(blocks.n, -1), scales=blocks.scale)
 
 
