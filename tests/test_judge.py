@@ -119,12 +119,13 @@ def test_a_judge_whose_file_does_not_match_its_card_is_refused(tmp_path: Path) -
         LocalJudge(tmp_path)
 
 
-def test_the_packaged_judge_matches_its_card_and_judges_a_result() -> None:
-    folder = packaged_judge("local/smollm2-135m-instruct")
-    assert folder is not None, "the default local model ships with its judge (scorer/judges/)"
+@pytest.mark.parametrize("model", ["local/smollm2-135m-instruct", "local/qwen2.5-coder-0.5b-instruct"])
+def test_a_packaged_judge_matches_its_card_and_judges_a_result(model: str) -> None:
+    folder = packaged_judge(model)
+    assert folder is not None, "each catalogue decoder ships with its judge (scorer/judges/)"
     card = read_card(folder)
     assert hashlib.sha256((folder / MODEL).read_bytes()).hexdigest() == card["onnx_sha256"]
-    assert card["features"] == list(FEATURE_NAMES) and card["model"] == "local/smollm2-135m-instruct"
+    assert card["features"] == list(FEATURE_NAMES) and card["model"] == model
     assert JudgeSettings.from_json(card["settings"]).samples == card["settings"]["samples"]
     for kind in card["kinds"]:  # the card reports every kind it vouches for, against the mean log-prob
         row = card["test"]["by_kind"][kind]
