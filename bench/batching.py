@@ -109,13 +109,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct", help="a catalogue model (fetched if downloadable)")
     parser.add_argument("--quant", default="int8")
+    parser.add_argument("--compute", default=None, help="fp32 or int8 (the fast profile); default: per quant")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds over the levels")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--record", action="store_true")
     args = parser.parse_args()
-    folder = build(args.model, args.quant)
+    folder = build(args.model, args.quant, compute=args.compute)
     generator = LocalGenerator(folder, threads=args.threads, engine=EngineConfig(max_batch=16, prefix_cache_bytes=0))
     concurrency_level(generator, 2, 8)  # warm-up
     rounds = [[concurrency_level(generator, n, args.tokens) for n in (1, 4, 8, 16)] for _ in range(args.rounds)]
@@ -140,7 +141,8 @@ def main() -> None:
          "the long prompt's TTFT (ms)"],
         [[f"{s['chunk']} tokens" + (" (chunked)" if s["chunk"] < 1000 else " (whole prompt)"),
           f"{s['max_gap_ms']:.0f}", f"{s['typical_gap_ms']:.0f}", f"{s['long_prompt_ttft_ms']:.0f}"] for s in stalls])
-    notes = (f"Build: {args.quant}; greedy, up to {args.tokens} tokens per stream, all streams submitted at once "
+    build_label = args.quant + (f", {args.compute} compute" if args.compute else "")
+    notes = (f"Build: {build_label}; greedy, up to {args.tokens} tokens per stream, all streams submitted at once "
              f"(so TTFT includes waiting for the other prompts' prefill); medians of {args.rounds} interleaved "
              "rounds, each ratio taken within its round. Aggregate decode tok/s: sequence-steps "
              "decoded per second spent in decode steps (the engine's counters); end-to-end: tokens generated per "

@@ -289,7 +289,7 @@ def run_child(args: list[str], python: str = sys.executable) -> dict | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=MODEL, help="smollm2-135m-instruct or a fetched catalogue model")
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="a catalogue model (fetched if downloadable)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--decode-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=5, help="measurements of every engine, interleaved")

@@ -15,7 +15,11 @@ MMLU, TriviaQA, OVERRULING, ARC and WinoGrande):
    against always asking that top model: accuracy and cost per query. Local time is priced at
    `--host-usd-per-hour` on each answer's wall seconds (an upper bound: answers overlapped on the host).
 
-    .venv/bin/python bench/local_quality.py [--models A,B] [--per-split 60] [--target 0.02] [--json] [--record]
+    .venv/bin/python bench/local_quality.py [--models A[:N],B[:N]] [--per-split 60] [--target 0.02] [--json]
+        [--record]
+
+`NAME:N` runs that model on N queries per split instead of `--per-split` (a larger model may get fewer: the
+hashed subsets are nested, so the accuracy table compares every model on the smallest one).
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from bench.auto_route import TIERS  # noqa: E402
 from scorer.fit.dataset import Grid, load_grid  # noqa: E402
 from scorer.fit.grading import GRADED  # noqa: E402
 from scorer.fit.judge_build import Outcomes, build, graded_outcomes  # noqa: E402
-from scorer.fit.outcomes import outcomes_folder  # noqa: E402
+from scorer.fit.outcomes import chosen_queries, outcomes_folder  # noqa: E402
 from scorer.judge import LocalJudge  # noqa: E402
 from scorer.signals import JudgeSettings  # noqa: E402
 from workers.local.downloads import DOWNLOADS, fetched_path  # noqa: E402
@@ -83,14 +87,14 @@ def seconds_of(cache: Path, grids: list[Grid], outcomes: Outcomes) -> np.ndarray
                                                                                   strict=True)])
 
 
-def evaluate(model: str, grids: list[Grid], args: argparse.Namespace) -> dict[str, Any]:
+def evaluate(model: str, per_split: int, common: int, grids: list[Grid], args: argparse.Namespace) -> dict[str, Any]:
     from gateway.cache.embedder import Embedder
 
-    cache = outcomes_of(model, grids, args.per_split, args.concurrency, not args.no_collect)
-    outcomes = graded_outcomes(grids, cache, Embedder().embed_many, per_split=args.per_split)
+    cache = outcomes_of(model, grids, per_split, args.concurrency, not args.no_collect)
+    outcomes = graded_outcomes(grids, cache, Embedder().embed_many, per_split=per_split)
     with tempfile.TemporaryDirectory() as folder:
         card = build(outcomes, Path(folder), model=f"local/{model}", settings=SETTINGS, target_false_accept=args.target,
-                     data={"per_split": args.per_split})
+                     data={"per_split": per_split})
         judge = LocalJudge(folder)
         scores = np.array(judge.score_features(outcomes.x))
     test = outcomes.mask("test")
@@ -107,10 +111,14 @@ def evaluate(model: str, grids: list[Grid], args: argparse.Namespace) -> dict[st
     local_usd = seconds_of(cache, grids, outcomes) * args.host_usd_per_hour / 3600
     cascade_ok = np.where(accepted, outcomes.y, top_ok)
     cascade_usd = local_usd + np.where(accepted, 0.0, top_usd)
-    per_dataset = {d: float(outcomes.y[test & (outcomes.datasets == d)].mean()) for d in DATASETS
-                   if (test & (outcomes.datasets == d)).any()}
+    # Accuracy on the common subset (the first `common` hashed test queries of each dataset).
+    chosen = {(g.name, q) for g in grids for q in chosen_queries(g, common)}
+    in_common = test & np.array([(d, q) in chosen for d, q in zip(outcomes.datasets, outcomes.rows, strict=True)])
+    per_dataset = {d: float(outcomes.y[in_common & (outcomes.datasets == d)].mean()) for d in DATASETS
+                   if (in_common & (outcomes.datasets == d)).any()}
     return {
-        "model": model, "queries": int(test.sum()), "accuracy": float(outcomes.y[test].mean()),
+        "model": model, "per_split": per_split, "queries": int(test.sum()), "common_queries": int(in_common.sum()),
+        "accuracy": float(outcomes.y[in_common].mean()), "kinds": card["kinds"],
         "by_dataset": per_dataset, "auroc": card["test"]["by_dataset"]["all"]["auroc_judge"],
         "learner": card["learner"]["name"], "threshold": judge.threshold,
         "accepted_share": float(accepted.sum() / test.sum()),
@@ -136,34 +144,41 @@ def main() -> None:
 
     grids = [load_grid(data_dir() / f"{name}.jsonl.gz") for name in DATASETS]
     assert all(g.name in GRADED for g in grids)
-    results = []
-    for model in args.models.split(","):
+    runs = []
+    for spec in args.models.split(","):
+        model, _, count = spec.partition(":")
         if model in DOWNLOADS and fetched_path(model) is None:
             print(f"{model}: not fetched (frugal models fetch {model}); skipped", file=sys.stderr)
             continue
-        results.append(evaluate(model, grids, args))
+        runs.append((model, int(count or args.per_split)))
+    common = min(count for _, count in runs)
+    results = [evaluate(model, count, common, grids, args) for model, count in runs]
     short = {"zellinger_mmlu": "MMLU", "zellinger_triviaqa": "TriviaQA", "overruling": "OVERRULING",
              "routerbench_arc_challenge": "ARC", "routerbench_winogrande": "WinoGrande"}
     accuracy = markdown_table(
         ["local model", "test queries", *[short[d] for d in DATASETS], "all"],
-        [[r["model"], r["queries"], *[f"{r['by_dataset'].get(d, float('nan')):.1%}" for d in DATASETS],
+        [[r["model"], r["common_queries"], *[f"{r['by_dataset'].get(d, float('nan')):.1%}" for d in DATASETS],
           f"{r['accuracy']:.1%}"] for r in results])
     cascade = markdown_table(
-        ["local model", "judge AUROC", f"taken locally at {args.target:.0%} false-accept budget", "accepted and wrong",
+        ["local model", "queries per split", "kinds its judge vouches for", "judge AUROC",
+         f"taken locally at {args.target:.0%} false-accept budget", "accepted and wrong",
          "local → top: accuracy", "always top: accuracy", "local → top: USD/query", "always top: USD/query",
          "cost vs always top"],
-        [[r["model"], f"{r['auroc']:.3f}" if r["auroc"] is not None else "n/a", f"{r['accepted_share']:.1%}",
+        [[r["model"], r["per_split"], ", ".join(r["kinds"]) or "none",
+          f"{r['auroc']:.3f}" if r["auroc"] is not None else "n/a", f"{r['accepted_share']:.1%}",
           f"{r['false_accept_share']:.1%}", f"{r['cascade_accuracy']:.1%}", f"{r['top_accuracy']:.1%}",
           f"{r['cascade_usd']:.2e}", f"{r['top_usd']:.2e}", f"{r['cascade_usd'] / r['top_usd'] - 1:+.1%}"]
          for r in results])
-    notes = (f"Greedy accuracy on the test half of {args.per_split} hashed queries per split per dataset "
+    notes = (f"Greedy accuracy on the first {common} hashed test queries per dataset, the same for every model "
              "(the prompts the cascade sends its local tier). Each model's judge is trained on its own train half "
-             f"and its threshold set for at most {args.target:.0%} of all train queries accepted and wrong "
-             "(out-of-fold); figures on test. Cascade: the judge accepts the local answer or the dataset's top "
+             f"of its queries per split and its threshold set for at most {args.target:.0%} of all train queries "
+             "accepted and wrong (out-of-fold); a task kind needs 40 graded train answers before the judge vouches "
+             "for it; figures on that model's test half. Cascade: the judge accepts the local answer or the "
+             "dataset's top "
              f"recorded model answers (pack correctness and cost); local time at ${args.host_usd_per_hour}/h on "
              "each answer's wall seconds (judge samples included).\n\n" + cascade)
     emit(args, "Local models: quality, judge and cascade effect", "bench/local_quality.py",
-         {"results": results, "per_split": args.per_split, "target": args.target}, accuracy, notes)
+         {"results": results, "common_per_split": common, "target": args.target}, accuracy, notes)
 
 
 if __name__ == "__main__":
