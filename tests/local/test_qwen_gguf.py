@@ -38,7 +38,7 @@ def reference(path: str) -> LlamaWeights:
 
 @pytest.fixture(scope="module")
 def qwen_built(qwen05_source: Path, models_root: Path) -> Path:
-    return build("qwen2.5-coder-0.5b-instruct", "int8", root=models_root)
+    return build(str(qwen05_source), "int8", root=models_root)  # named after the file: the catalogue's name
 
 
 def test_every_tensor_of_the_q4_k_m_file_is_held_exactly(qwen_built: Path) -> None:

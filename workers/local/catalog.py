@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -17,15 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from workers.local.paths import models_dir
+
 #: Bumped when the builder's output changes; folders built by another version are rebuilt.
 BUILDER_VERSION = 7
 MODEL_FILE = "frugal_model.json"
-#: Weight-only 8-bit: exact for GGUF Q4_0/Q4_1/Q8_0 sources, near-exact for float ones (docs/local.md).
+#: Weight-only 8-bit: exact for `quantize.EXACT_GGUF_TYPES` sources, near-exact for others (docs/local.md).
 DEFAULT_QUANT = "int8"
-
-
-def models_dir() -> Path:
-    return Path(os.environ.get("FRUGAL_MODELS_DIR") or Path.home() / ".cache" / "frugal" / "models")
 
 
 def package_dir(package: str) -> Path:

