@@ -84,8 +84,11 @@ def build_local_backend(model: ModelConfig) -> Backend:
     if model.model_dir:
         folder = Path(model.model_dir)
     else:
-        folder = resolve(name, model.quant or DEFAULT_QUANT, compute=model.compute,
-                         progress=lambda step: log.info("building local model %s: %s", name, step))
+        try:
+            folder = resolve(name, model.quant or DEFAULT_QUANT, compute=model.compute,
+                             progress=lambda step: log.info("building local model %s: %s", name, step))
+        except FileNotFoundError as exc:  # e.g. a catalogue model not fetched yet: the message says how
+            raise ConfigError(f"model {model.name!r}: {exc}") from exc
     serving = model.serving
     engine = EngineConfig(max_batch=serving.max_batch, max_queue=serving.max_queue,
                           prefill_chunk=serving.prefill_chunk, max_context=serving.max_context,

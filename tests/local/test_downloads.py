@@ -100,3 +100,15 @@ def test_the_cli_names_the_catalogue_and_fails_clearly(tmp_path: Path) -> None:
     build = runner.invoke(cli(), ["models", "build", "qwen2.5-coder-1.5b-instruct", "--out", str(tmp_path)],
                           env={"FRUGAL_MODELS_DIR": str(tmp_path / "empty")})
     assert build.exit_code == 2 and "frugal models fetch qwen2.5-coder-1.5b-instruct" in build.output
+
+
+def test_a_gateway_serving_an_unfetched_model_says_how_to_fetch_it(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.app import create_app
+    from gateway.settings import ConfigError, parse_config
+
+    monkeypatch.setenv("FRUGAL_MODELS_DIR", str(tmp_path))
+    config = parse_config("models: [{name: coder, backend: local/qwen2.5-coder-1.5b-instruct}]\n"
+                          "routes: [{name: r, models: [coder]}]\n")
+    with pytest.raises(ConfigError, match=r"model 'coder': .*frugal models fetch qwen2.5-coder-1.5b-instruct"):
+        create_app(config)
