@@ -14,9 +14,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from workers.local.paths import models_dir
+
+if TYPE_CHECKING:
+    from workers.local.gguf_model import GGUFModel
+    from workers.local.gguf_tokenizer import TokenizerBundle
 
 #: Bumped when the builder's output changes; folders built by another version are rebuilt.
 BUILDER_VERSION = 7
@@ -171,7 +175,7 @@ def _build_decoder(name: str, source: Path, quant: str, compute: str | None, out
             "weights": weight_report(model, quant)}
 
 
-def weight_report(model: Any, quant: str) -> dict[str, dict[str, Any]]:
+def weight_report(model: GGUFModel, quant: str) -> dict[str, dict[str, Any]]:
     """Per GGUF type of the source's matrices: how many there are and how the graph holds them (`exact`:
     the source's own integers and scales; `requantized`: dequantized and quantized again; `float`)."""
     from workers.local.quantize import EXACT_GGUF_TYPES  # noqa: PLC0415
@@ -190,7 +194,7 @@ def weight_report(model: Any, quant: str) -> dict[str, dict[str, Any]]:
     return report
 
 
-def load_checked_tokenizer(source: Path) -> Any:
+def load_checked_tokenizer(source: Path) -> TokenizerBundle:
     """The GGUF's tokenizer bundle, once its chat template (untrusted: it ships inside the file) has compiled
     and rendered a one-message chat in the sandbox (`gguf_tokenizer.ChatTemplate`). A template that tries to
     reach Python internals, or cannot render a chat at all, stops the build with a clear error."""
