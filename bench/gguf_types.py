@@ -32,7 +32,6 @@ from workers.local.catalog import smollm2_gguf  # noqa: E402
 from workers.local.downloads import fetched_path  # noqa: E402
 from workers.local.quantize import (  # noqa: E402
     EXACT_GGUF_TYPES,
-    IntBlocks,
     dequantize,
     gguf_blocks,
     quantize_asymmetric4,
@@ -40,13 +39,6 @@ from workers.local.quantize import (  # noqa: E402
 )
 
 QT = gguf.GGMLQuantizationType
-
-
-def held(blocks: IntBlocks) -> np.ndarray:
-    w = blocks.q.astype(np.float32) * blocks.scale[..., None]
-    if blocks.offset is not None:
-        w = w + blocks.offset[..., None]
-    return w.reshape(blocks.n, -1)
 
 
 class Errors:
@@ -98,7 +90,7 @@ def main() -> None:
             if errors.tensors >= args.max_tensors:
                 continue
             want = gguf.dequantize(tensor.data, tensor.tensor_type)
-            errors.add(held(gguf_blocks(np.asarray(tensor.data), kind)), want)
+            errors.add(gguf_blocks(np.asarray(tensor.data), kind).weights(), want)
             if len(float_samples) < 12 and "blk" in tensor.name and want.shape[1] % 32 == 0:
                 float_samples.append(want.astype(np.float32))
         rows += [errors.row(kind, "exact", label) for kind, errors in sorted(by_type.items())]
@@ -108,7 +100,7 @@ def main() -> None:
     for kind in (QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0):
         errors = Errors()
         raw = gguf.quants.quantize(base, kind)
-        errors.add(held(gguf_blocks(raw, kind.name)), gguf.quants.dequantize(raw, kind))
+        errors.add(gguf_blocks(raw, kind.name).weights(), gguf.quants.dequantize(raw, kind))
         rows.append(errors.row(kind.name, "exact", "a real tensor quantized by gguf-py"))
     for kind in (QT.Q4_K, QT.Q5_K, QT.Q6_K):
         size = gguf.GGML_QUANT_SIZES[kind][1]
@@ -118,12 +110,12 @@ def main() -> None:
             raw[:, :, start:start + 2] = (rng.random((256, 4, 1)) * 1e-3).astype(np.float16).view(np.uint8)
         raw = raw.reshape(256, -1)
         errors = Errors()
-        errors.add(held(gguf_blocks(raw, kind.name)), gguf.quants.dequantize(raw, kind))
+        errors.add(gguf_blocks(raw, kind.name).weights(), gguf.quants.dequantize(raw, kind))
         rows.append(errors.row(kind.name, "exact", "random blocks"))
 
     int8, int4 = Errors(), Errors()
     for weights in float_samples:
-        int8.add(held(symmetric_blocks(weights, 8)), weights)
+        int8.add(symmetric_blocks(weights, 8).weights(), weights)
         int4.add(dequantize(quantize_asymmetric4(weights)), weights)
     rows.append(int8.row("any other (Q2_K, Q3_K, IQ*, F16, BF16, F32)", "re-quantized: 8-bit symmetric blocks "
                          "(--quant int8)", "real dequantized tensors"))

@@ -21,10 +21,7 @@ QT = gguf.GGMLQuantizationType
 
 
 def weights_of(blocks: IntBlocks) -> np.ndarray:
-    w = blocks.q.astype(np.float32) * blocks.scale[..., None]
-    if blocks.offset is not None:
-        w = w + blocks.offset[..., None]
-    return w.reshape(blocks.n, -1)
+    return blocks.weights()
 
 
 @pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0])

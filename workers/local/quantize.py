@@ -70,6 +70,13 @@ class IntBlocks:
     def block(self) -> int:
         return self.q.shape[2]
 
+    def weights(self) -> np.ndarray:
+        """The float32 weights [N, K] these blocks stand for (tests and error measurement)."""
+        w = self.q.astype(np.float32) * self.scale[..., None]
+        if self.offset is not None:
+            w = w + self.offset[..., None]
+        return w.reshape(self.n, -1)
+
     @property
     def fits_4_bits(self) -> bool:
         return bool(self.q.min(initial=0) >= -8 and self.q.max(initial=0) <= 7)
