@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -38,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench._common import emit, markdown_table  # noqa: E402
-from bench.auto_route import TIERS  # noqa: E402
+from bench.auto_route import TIERS, data_dir  # noqa: E402
 from scorer.fit.dataset import Grid, load_grid  # noqa: E402
 from scorer.fit.grading import GRADED  # noqa: E402
 from scorer.fit.judge_build import Outcomes, build, graded_outcomes  # noqa: E402
@@ -51,10 +50,6 @@ MODELS = ["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct", "qwen2.5-coder
 DATASETS = ["zellinger_mmlu", "zellinger_triviaqa", "overruling", "routerbench_arc_challenge",
             "routerbench_winogrande"]
 SETTINGS = JudgeSettings(samples=4, max_tokens=64)
-
-
-def data_dir() -> Path:
-    return Path(os.environ.get("FRUGAL_DATA_DIR") or REPO.parent / "shared" / "data") / "cascade"
 
 
 def outcomes_of(model: str, grids: list[Grid], per_split: int, concurrency: int, collect_missing: bool) -> Path:

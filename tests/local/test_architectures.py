@@ -165,6 +165,7 @@ def test_the_builder_reports_how_each_type_is_held(tmp_path: Path) -> None:
     assert report["Q6_K"]["tensors"] == 2 * LAYERS
     mixed = write_gguf(tmp_path / "q2k.gguf", "llama", QT.F32)
     assert weight_report(GGUFModel(mixed), "int8")["F32"]["held"] == "mixed"  # embeddings float, layers 8-bit
+    assert weight_report(GGUFModel(source), "fp32")["Q6_K"]["held"] == "fp32"
 
 
 def test_a_q6_k_output_layer_is_kept_exactly_for_re_scoring(tmp_path: Path) -> None:

@@ -177,16 +177,19 @@ def _build_decoder(name: str, source: Path, quant: str, compute: str | None, out
 
 def weight_report(model: GGUFModel, quant: str) -> dict[str, dict[str, Any]]:
     """Per GGUF type of the source's matrices: how many there are and how the graph holds them (`exact`:
-    the source's own integers and scales; `requantized`: dequantized and quantized again; `float`)."""
+    the source's own integers and scales; `requantized`: dequantized and quantized again; `float`, `fp32`,
+    `fp16`: float weights)."""
     from workers.local.quantize import EXACT_GGUF_TYPES  # noqa: PLC0415
 
     report: dict[str, dict[str, Any]] = {}
     for name in model.matrix_names():
         type_name = model.tensor_type(name)
-        if type_name in ("F32", "F16", "BF16"):
-            kept = "float" if quant in ("fp32", "fp16") or name == "token_embd.weight" else "requantized"
+        if quant in ("fp32", "fp16"):
+            kept = quant  # dequantized: float32 holds every GGUF type's values exactly, float16 rounds them
+        elif type_name in ("F32", "F16", "BF16"):
+            kept = "float" if name == "token_embd.weight" else "requantized"
         else:
-            kept = "exact" if quant in ("int8", "int4") and type_name in EXACT_GGUF_TYPES else "requantized"
+            kept = "exact" if type_name in EXACT_GGUF_TYPES else "requantized"
         entry = report.setdefault(type_name, {"tensors": 0, "held": kept})
         entry["tensors"] += 1
         if entry["held"] != kept:
