@@ -17,7 +17,7 @@ from gateway.admin import AdminGuard, admin_routes
 from gateway.artifacts import ArtifactStore
 from gateway.audits import Auditor
 from gateway.auth import KeyStore
-from gateway.backends import BackendRegistry, default_backends
+from gateway.backends import BackendRegistry, default_backends, pooled_kind
 from gateway.cache.setup import build_response_cache
 from gateway.completions import CompletionsEndpoint
 from gateway.errors import install_error_handlers
@@ -28,11 +28,14 @@ from gateway.metrics import GatewayMetrics
 from gateway.model_list import model_routes
 from gateway.openapi import install_openapi
 from gateway.operations import operations_routes
-from gateway.ratelimit import RateLimiter
+from gateway.ratelimit import Limiter, RateLimiter, RedisRateLimiter
 from gateway.recorder import Recorder
 from gateway.routes import build_router
 from gateway.settings import FrugalConfig
+from gateway.shared_state import StateErrors, state_client
 from gateway.swaps import RouteSwitch
+from router.cooldown import Cooldown
+from router.shared_cooldown import SharedCooldown
 from workers import tokens
 from workers.backend import Backend
 
@@ -48,9 +51,21 @@ def create_app(config: FrugalConfig, *, backends: dict[str, Backend] | None = No
     metrics = GatewayMetrics()
     ledger = Ledger(config.ledger.url, config.ledger.spill_path)
     kinds = registry or default_backends()
+    if any(m.pool is not None for m in config.models) and "pooled" not in kinds:
+        kinds.register(pooled_kind(config.redis), first=True)
     built = backends if backends is not None else {m.name: kinds.build(m) for m in config.models}
-    router, context = build_router(config, built)
-    keys = KeyStore(config.auth, config.limits.requests_per_minute)
+    state_errors = StateErrors(metrics.registry)
+    limiter: Limiter = RateLimiter()
+    cooldown: Cooldown | None = None
+    if config.redis.state:  # the distributed mode: limits and cooldowns shared by every replica
+        state = state_client(config.redis.state, config.redis.timeout_s)
+        limiter = RedisRateLimiter(state, state_errors, policy=config.redis.rate_limits)
+        c = config.cooldown
+        cooldown = SharedCooldown(c.failures, c.window_s, c.cooldown_s, state, models=[m.name for m in config.models],
+                                  sync_s=config.redis.cooldown_sync_s,
+                                  on_error=lambda exc: state_errors.report("cooldowns", "open", exc))
+    router, context = build_router(config, built, cooldown)
+    keys = KeyStore(config.auth, config.limits.requests_per_minute, config.limits.tokens_per_minute)
     if config.auth.required and not len(keys):
         log.warning("auth is required but no key is usable: every request will get 401 "
                     "(set the environment variables named by auth.keys[].key_env)")
@@ -64,9 +79,9 @@ def create_app(config: FrugalConfig, *, backends: dict[str, Backend] | None = No
     auditor = Auditor(config, ledger, metrics, estimates, embed=lambda: context.embedder().embed_many)
     endpoint = CompletionsEndpoint(
         keys=keys,
-        limiter=RateLimiter(),
+        limiter=limiter,
         router=router,
-        recorder=Recorder(ledger, metrics, config.ledger.store_content, estimates),
+        recorder=Recorder(ledger, metrics, config.ledger.store_content, estimates, spend_tokens=limiter.spend),
         max_body_bytes=config.limits.max_body_bytes,
         default_timeout_s=max((m.timeout_s for m in config.models), default=60.0),
         store_content=config.ledger.store_content,
@@ -96,6 +111,8 @@ def create_app(config: FrugalConfig, *, backends: dict[str, Backend] | None = No
         auditor.announce()
         watcher = (asyncio.get_running_loop().create_task(watch_artifacts(config.artifacts.watch_interval_s))
                    if config.artifacts.watch_interval_s > 0 and switch.live else None)
+        if isinstance(cooldown, SharedCooldown):
+            cooldown.start()
         log.info("frugal gateway ready: %d models, %d routes, ledger %s", len(config.models),
                  len(config.routes), ledger.engine.url.render_as_string())
         try:
@@ -106,6 +123,11 @@ def create_app(config: FrugalConfig, *, backends: dict[str, Backend] | None = No
                 with contextlib.suppress(asyncio.CancelledError):
                     await watcher
             await auditor.drain()
+            if isinstance(cooldown, SharedCooldown):
+                await cooldown.stop()
+            if isinstance(limiter, RedisRateLimiter):
+                await limiter.drain()
+                await state.aclose()
             for backend in built.values():
                 await backend.aclose()
             if cache is not None:

@@ -20,13 +20,14 @@ class Client:
 
     key_id: str
     requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
 
 
 ANONYMOUS = Client("anonymous")
 
 
 class KeyStore:
-    def __init__(self, config: AuthConfig, default_rpm: int | None) -> None:
+    def __init__(self, config: AuthConfig, default_rpm: int | None, default_tpm: int | None = None) -> None:
         self.required = config.required
         self._by_digest: dict[str, Client] = {}
         for key in config.keys:
@@ -34,8 +35,9 @@ class KeyStore:
             if digest is None:
                 log.warning("key %r: environment variable %s is not set; the key is disabled", key.id, key.key_env)
                 continue
-            self._by_digest[digest] = Client(key.id, key.requests_per_minute or default_rpm)
-        self._anonymous = Client(ANONYMOUS.key_id, default_rpm)
+            self._by_digest[digest] = Client(key.id, key.requests_per_minute or default_rpm,
+                                             key.tokens_per_minute or default_tpm)
+        self._anonymous = Client(ANONYMOUS.key_id, default_rpm, default_tpm)
 
     def __len__(self) -> int:
         return len(self._by_digest)

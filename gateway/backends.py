@@ -11,12 +11,16 @@ import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from gateway.settings import ConfigError, ModelConfig
+from gateway.settings import ConfigError, ModelConfig, RedisConfig
 from workers.backend import Backend
 from workers.http_backend import HTTPBackend
 from workers.litellm_backend import LiteLLMBackend
 from workers.remote import RemoteModel, speaks_openai
+
+if TYPE_CHECKING:
+    from workers.local.backend import LocalBackend
 
 log = logging.getLogger("frugal.backends")
 
@@ -44,6 +48,10 @@ class BackendRegistry:
         if any(k.name == kind.name for k in self._kinds):
             raise ValueError(f"a backend kind named {kind.name!r} is already registered")
         self._kinds.insert(0 if first else len(self._kinds), kind)
+
+    def __contains__(self, name: object) -> bool:
+        """Whether a kind named `name` is registered."""
+        return any(k.name == name for k in self._kinds)
 
     def kind_for(self, model: ModelConfig) -> BackendKind:
         for kind in self._kinds:
@@ -74,8 +82,9 @@ def remote_model(model: ModelConfig) -> RemoteModel:
     return remote
 
 
-def build_local_backend(model: ModelConfig) -> Backend:
-    """A local ONNX model, built from its packaged source on first use (logged: it takes seconds)."""
+def build_local_backend(model: ModelConfig, provider: str = "auto") -> LocalBackend:
+    """A local ONNX model, built from its packaged source on first use (logged: it takes seconds); `provider`:
+    auto, cpu or cuda (ONNX Runtime's execution provider)."""
     from workers.local.backend import LocalBackend  # noqa: PLC0415 (onnxruntime, only when a local model is served)
     from workers.local.catalog import DEFAULT_QUANT, resolve  # noqa: PLC0415
     from workers.local.engine import EngineConfig  # noqa: PLC0415
@@ -95,7 +104,24 @@ def build_local_backend(model: ModelConfig) -> Backend:
                           prefix_cache_bytes=int(serving.prefix_cache_mib * 1024 * 1024),
                           prefix_block_tokens=serving.prefix_block_tokens)
     return LocalBackend(model.name, folder, price=model.price, threads=model.threads, engine=engine,
-                        isolate_tenants=serving.isolate_tenants)
+                        isolate_tenants=serving.isolate_tenants, provider=provider)
+
+
+def pooled_kind(redis: RedisConfig) -> BackendKind:
+    """Local models with a `pool`: served by Celery workers (`frugal worker`) through `redis`'s broker and state."""
+
+    def build(model: ModelConfig) -> Backend:
+        from workers.pool.backend import PooledBackend, PoolSettings  # noqa: PLC0415 (Celery, only when pooled)
+
+        pool = model.pool
+        assert pool is not None and redis.broker and redis.state  # checked when the config was validated
+        settings = PoolSettings(model.queue, max_queue_depth=pool.max_queue_depth, max_wait_s=pool.max_wait_s,
+                                expires_s=pool.expires_s, enqueue_timeout_s=pool.enqueue_timeout_s,
+                                worker_timeout_s=pool.worker_timeout_s, probe_interval_s=pool.probe_interval_s,
+                                redis_timeout_s=redis.timeout_s)
+        return PooledBackend(model.name, settings, broker_url=redis.broker, state_url=redis.state, price=model.price)
+
+    return BackendKind("pooled", lambda m: m.pool is not None, build)
 
 
 def _direct_http(model: ModelConfig) -> bool:

@@ -22,7 +22,7 @@ from gateway.cache.entry import CachedResponse
 from gateway.cache.response_cache import CacheLookup, ResponseCache
 from gateway.errors import APIError, error_for, model_not_found, rate_limited
 from gateway.ids import RequestIds
-from gateway.ratelimit import RateLimiter
+from gateway.ratelimit import Limiter
 from gateway.recorder import Recorder, RequestRecord
 from gateway.requests import ParsedRequest, parse_request, read_json
 from gateway.responses import SSEWriter, completion_body
@@ -67,7 +67,7 @@ class SettledStreamingResponse(StreamingResponse):
 
 
 class CompletionsEndpoint:
-    def __init__(self, *, keys: KeyStore, limiter: RateLimiter, router: Router, recorder: Recorder,
+    def __init__(self, *, keys: KeyStore, limiter: Limiter, router: Router, recorder: Recorder,
                  max_body_bytes: int, default_timeout_s: float, store_content: bool,
                  cache: ResponseCache | None = None, auditor: Auditor | None = None) -> None:
         self.keys = keys
@@ -87,10 +87,10 @@ class CompletionsEndpoint:
         try:
             client = self.keys.authenticate(request)
             record.key_id = client.key_id
-            wait_s = self.limiter.acquire(client.key_id, client.requests_per_minute)
-            if wait_s:
+            refusal = await self.limiter.admit(client.key_id, client.requests_per_minute, client.tokens_per_minute)
+            if refusal is not None:
                 raise rate_limited(f"Rate limit reached for key '{client.key_id}': "
-                                   f"{client.requests_per_minute} requests per minute.", wait_s)
+                                   f"{refusal.per_minute} {refusal.what} per minute.", refusal.retry_after_s)
             body = await read_json(request, self.max_body_bytes)
             parsed = parse_request(kind, body)
             record.route, record.stream, record.user = parsed.model, parsed.stream, parsed.user

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -67,11 +68,14 @@ class RequestRecord:
 
 class Recorder:
     def __init__(self, ledger: Ledger, metrics: GatewayMetrics, store_content: bool,
-                 estimates: LiveEstimates | None = None) -> None:
+                 estimates: LiveEstimates | None = None,
+                 spend_tokens: Callable[[str, int], None] | None = None) -> None:
         self.ledger = ledger
         self.metrics = metrics
         self.store_content = store_content
         self.estimates = estimates
+        #: Told the tokens each answered request used (the per-key token rate limits).
+        self.spend_tokens = spend_tokens
 
     def start(self, request_id: str, endpoint: str) -> RequestRecord:
         """A new request: counted in flight until `finish`."""
@@ -88,6 +92,8 @@ class Recorder:
         try:
             self._ledger(record, latency_s)
             self._metrics(record, latency_s)
+            if self.spend_tokens is not None and record.key_id and record.cache not in ("hit", "semantic-hit"):
+                self.spend_tokens(record.key_id, record.usage.total_tokens)
         except Exception:
             log.exception("recording request %s failed", record.request_id)
         log.info(

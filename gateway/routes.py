@@ -156,22 +156,23 @@ def build_cascade(route: RouteConfig, context: RouteContext, artifact: RouteArti
 ROUTE_KINDS: dict[str, RouteBuilder] = {"fallback": build_fallback, "cascade": build_cascade}
 
 
-def build_pool(config: FrugalConfig, backends: dict[str, Backend]) -> ModelPool:
+def build_pool(config: FrugalConfig, backends: dict[str, Backend], cooldown: Cooldown | None = None) -> ModelPool:
     return ModelPool(
         backends,
         max_retries={m.name: m.max_retries for m in config.models},
         timeouts={m.name: m.timeout_s for m in config.models},
         retry=RetryPolicy(config.retry.backoff_base_s, config.retry.backoff_max_s),
-        cooldown=Cooldown(config.cooldown.failures, config.cooldown.window_s, config.cooldown.cooldown_s),
+        cooldown=cooldown or Cooldown(config.cooldown.failures, config.cooldown.window_s, config.cooldown.cooldown_s),
         compression=build_compression(config),
         capabilities={m.name: m.capability_set for m in config.models},
     )
 
 
-def build_router(config: FrugalConfig, backends: dict[str, Backend]) -> tuple[Router, RouteContext]:
+def build_router(config: FrugalConfig, backends: dict[str, Backend],
+                 cooldown: Cooldown | None = None) -> tuple[Router, RouteContext]:
     """The router over `backends`, with every configured route, and the context that built it (to build
     routes again: `gateway.swaps`). Raises `ConfigError` when a route cannot be built (e.g. a cascade's
-    scorer cannot be loaded)."""
-    pool = build_pool(config, backends)
+    scorer cannot be loaded). `cooldown` replaces the in-process one (e.g. one shared through Redis)."""
+    pool = build_pool(config, backends, cooldown)
     context = RouteContext(config, pool)
     return Router(pool, {route.name: ROUTE_KINDS[route.kind](route, context) for route in config.routes}), context

@@ -2,7 +2,8 @@
 
 The file's path comes from `--config`, else `FRUGAL_CONFIG`, else the packaged default
 (`gateway/default_config.yaml`). Environment variables named in the file (`api_key_env`, `key_env`)
-supply the secrets; `FRUGAL_LEDGER_URL` overrides the ledger URL and `REDIS_URL` the caches' Redis.
+supply the secrets; `FRUGAL_LEDGER_URL` overrides the ledger URL and `REDIS_URL` sets `redis.url` (the
+Redis of every role without its own URL: broker, shared state, caches).
 See docs/configuration.md.
 """
 
@@ -46,6 +47,27 @@ class LocalServingConfig(_Strict):
     prefix_block_tokens: int = Field(default=32, ge=1, le=1024)
     #: Salt the prefix cache with the caller's key id, so that tenants never share keys and values.
     isolate_tenants: bool = False
+
+
+class PoolConfig(_Strict):
+    """A local model served by a pool of Celery workers (`frugal worker`) instead of in the gateway process
+    (docs/distributed.md). The gateway enqueues one task per request on the model's queue and reads the
+    answer back from a Redis Stream."""
+
+    #: The Celery queue (default: `frugal.local.NAME`, NAME the model's `local/` name; workers agree).
+    queue: str | None = None
+    #: Tasks waiting in the queue beyond which the cascade skips the model (escalation reason `capacity`).
+    max_queue_depth: int = Field(default=16, ge=0)
+    #: Workers' measured wait (enqueue to start, seconds) beyond which the cascade skips the model.
+    max_wait_s: float = Field(default=2.0, gt=0)
+    #: A task not started within this many seconds is dropped by the worker (its client gave up).
+    expires_s: float = Field(default=30.0, gt=0)
+    #: Seconds to hand a task to the broker; then the call fails (escalation reason `error`).
+    enqueue_timeout_s: float = Field(default=1.0, gt=0)
+    #: Seconds without a sign of life from the worker running a request before the gateway gives up on it.
+    worker_timeout_s: float = Field(default=3.0, gt=0)
+    #: Seconds between two looks at the queue's depth and the workers' wait (shared by all requests).
+    probe_interval_s: float = Field(default=0.25, gt=0)
 
 
 class CompressionConfig(_Strict):
@@ -111,6 +133,8 @@ class ModelConfig(_Strict):
     threads: int | None = Field(default=None, gt=0)
     model_dir: str | None = None
     serving: LocalServingConfig = Field(default_factory=LocalServingConfig)
+    #: Serve this local model from Celery workers (`frugal worker`) instead of in process.
+    pool: PoolConfig | None = None
     #: Compress prompts before this model (unless the route calling it has a policy of its own).
     compression: CompressionConfig | None = None
     #: What the model takes beyond text: tools (tool definitions, calls and results), images, audio, files.
@@ -127,7 +151,16 @@ class ModelConfig(_Strict):
         if self.is_local and self.capabilities:
             raise ValueError("local models take text only for now: tools, images, audio and files go to remote "
                              "models (remove capabilities)")
+        if self.pool is not None and not self.is_local:
+            raise ValueError("pool is for local models (backend local/NAME): remote models are called directly")
         return self
+
+    @property
+    def queue(self) -> str:
+        """The Celery queue of a pooled local model."""
+        if self.pool is not None and self.pool.queue:
+            return self.pool.queue
+        return "frugal." + self.backend.replace("/", ".")
 
     @property
     def capability_set(self) -> frozenset[str]:
@@ -250,6 +283,8 @@ class KeyConfig(_Strict):
     sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     #: Requests per minute for this key (overrides limits.requests_per_minute).
     requests_per_minute: int | None = Field(default=None, gt=0)
+    #: Tokens (prompt and answer) per minute for this key (overrides limits.tokens_per_minute).
+    tokens_per_minute: int | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")
     def _one_source(self) -> KeyConfig:
@@ -275,6 +310,9 @@ class LimitsConfig(_Strict):
     max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
     #: Default per-key request rate; None = unlimited.
     requests_per_minute: int | None = Field(default=None, gt=0)
+    #: Default per-key token rate (prompt and answer tokens); None = unlimited. A request is admitted while the
+    #: key has tokens left this minute; what it used is taken once it is answered.
+    tokens_per_minute: int | None = Field(default=None, gt=0)
     #: Seconds a client has to send a request's headers (from the first byte, or from connecting); then 408.
     header_timeout_s: float = Field(default=10.0, gt=0)
     #: Seconds a client has to send a request's body once its headers arrived; then 408.
@@ -345,6 +383,33 @@ class CacheConfig(_Strict):
     redis_prefix: str = "frugal:"
 
 
+class RedisConfig(_Strict):
+    """Redis for the distributed mode (docs/distributed.md), by role. `url` (or $REDIS_URL) serves every role
+    whose own URL is unset; production splits them: the broker on a server with `noeviction` (a queued
+    request must never be evicted), the caches on one with an LRU policy (`cache.redis_url`)."""
+
+    url: str | None = None
+    #: Celery's broker: the queues of pooled local models.
+    broker_url: str | None = None
+    #: Shared state: rate limits, cooldowns, the token streams of pooled models.
+    state_url: str | None = None
+    #: Seconds any one call to the state Redis may take (then the mechanism's failure policy applies).
+    timeout_s: float = Field(default=0.25, gt=0)
+    #: When the state Redis fails: "open" admits the request (and counts frugal_state_errors_total),
+    #: "closed" refuses it with 503.
+    rate_limits: Literal["open", "closed"] = "open"
+    #: Seconds between two reads of the models in cooldown on other replicas.
+    cooldown_sync_s: float = Field(default=0.25, gt=0)
+
+    @property
+    def broker(self) -> str | None:
+        return self.broker_url or self.url
+
+    @property
+    def state(self) -> str | None:
+        return self.state_url or self.url
+
+
 class ArtifactsConfig(_Strict):
     """Where retrained judges and refitted thresholds are kept, versioned per route (docs/learning.md)."""
 
@@ -372,6 +437,7 @@ class FrugalConfig(_Strict):
     cache: CacheConfig = CacheConfig()
     compressor: CompressorConfig = CompressorConfig()
     artifacts: ArtifactsConfig = ArtifactsConfig()
+    redis: RedisConfig = RedisConfig()
 
     def model(self, name: str) -> ModelConfig:
         """The configured model named `name` (`KeyError` when there is none)."""
@@ -402,6 +468,13 @@ class FrugalConfig(_Strict):
         route_names = [r.name for r in self.routes]
         if len(set(route_names)) != len(route_names):
             raise ValueError("route names must be unique")
+        pooled = [m.name for m in self.models if m.pool is not None]
+        if pooled and not self.redis.broker:
+            raise ValueError(f"pooled models ({', '.join(pooled)}) need a broker: set redis.url, redis.broker_url "
+                             f"or $REDIS_URL")
+        if pooled and not self.redis.state:
+            raise ValueError(f"pooled models ({', '.join(pooled)}) need redis.state_url (or redis.url) for their "
+                             f"token streams")
         key_ids = [k.id for k in self.auth.keys]
         if len(set(key_ids)) != len(key_ids):
             raise ValueError("key ids must be unique")
@@ -426,6 +499,10 @@ def parse_config(text: str, origin: str = "<config>", base_dir: Path | None = No
         raise ConfigError(f"{origin}: not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{origin}: the top level must be a mapping")
+    redis_url = os.environ.get("REDIS_URL")
+    if redis_url:  # before validation: pooled models are checked against the redis URLs
+        section = raw.get("redis")
+        raw = {**raw, "redis": {**(section if isinstance(section, dict) else {}), "url": redis_url}}
     try:
         config = FrugalConfig.model_validate(_with_fitted_cascades(raw, base_dir or Path.cwd(), origin))
     except ValidationError as exc:
@@ -439,10 +516,9 @@ def parse_config(text: str, origin: str = "<config>", base_dir: Path | None = No
         config = config.model_copy(
             update={"ledger": config.ledger.model_copy(update={"url": env.ledger_url})}
         )
-    redis_url = os.environ.get("REDIS_URL")
-    if redis_url:
+    if config.redis.url and not config.cache.redis_url:  # the cache role defaults to the common URL
         config = config.model_copy(
-            update={"cache": config.cache.model_copy(update={"redis_url": redis_url})}
+            update={"cache": config.cache.model_copy(update={"redis_url": config.redis.url})}
         )
     return config
 

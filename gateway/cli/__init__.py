@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import typer
 
-from gateway.cli import cache, cascade, judge, models, scorer, serve, standin
+from gateway.cli import cache, cascade, judge, models, scorer, serve, standin, worker
 
 
 def build() -> typer.Typer:
@@ -13,6 +13,7 @@ def build() -> typer.Typer:
     app = typer.Typer(no_args_is_help=True, add_completion=False, help="Frugal: a cost-aware LLM gateway.")
     app.command()(serve.serve)
     app.command("stand-in")(standin.stand_in)
+    app.command()(worker.worker)
     app.command()(models.generate)
     app.add_typer(models.app, name="models")
     app.add_typer(scorer.app, name="scorer")

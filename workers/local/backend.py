@@ -147,10 +147,10 @@ class LocalBackend:
         waiting: dict[int, asyncio.Future[None]] = {}
 
         def on_step(index: int, step: Step) -> None:
-            loop.call_soon_threadsafe(steps.setdefault(index, []).append, step)
+            _call_soon(loop, steps.setdefault(index, []).append, step)
 
         def on_done(index: int, error: BaseException | None) -> None:
-            loop.call_soon_threadsafe(_settle, waiting[index], error)
+            _call_soon(loop, _settle, waiting[index], error)
 
         sequences = self._sequences(request, on_step, on_done)
         waiting.update({i: loop.create_future() for i in range(len(sequences))})
@@ -185,8 +185,8 @@ class LocalBackend:
         events: asyncio.Queue[Any] = asyncio.Queue()
         want = bool(request.params.get("logprobs"))
         sequences = self._sequences(
-            request, lambda i, step: loop.call_soon_threadsafe(events.put_nowait, (i, step)),
-            lambda i, error: loop.call_soon_threadsafe(events.put_nowait, (i, error or _DONE)))
+            request, lambda i, step: _call_soon(loop, events.put_nowait, (i, step)),
+            lambda i, error: _call_soon(loop, events.put_nowait, (i, error or _DONE)))
         self._submit(sequences)
         usage = Usage()
         open_choices = len(sequences)
@@ -212,7 +212,8 @@ class LocalBackend:
     def stats(self) -> dict[str, float]:
         """The engine's and prefix cache's state and counters, for metrics."""
         engine = self.engine
-        values: dict[str, float] = {"queue_depth": engine.waiting, "batch_size": engine.running, **engine.stats}
+        values: dict[str, float] = {"queue_depth": engine.waiting, "batch_size": engine.running,
+                                    "batch_occupancy": engine.running / engine.config.max_batch, **engine.stats}
         cache = engine.cache
         if cache is not None:
             values.update({"prefix_cache_bytes": cache.bytes_held, "prefix_cache_blocks": cache.blocks,
@@ -222,6 +223,17 @@ class LocalBackend:
 
     async def aclose(self) -> None:
         await asyncio.to_thread(self.generator.close)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, callback: Any, *args: Any) -> None:
+    """Hand an engine event to the caller's loop; a caller whose loop has closed (it left, e.g. a pool worker's
+    finished task) no longer wants it."""
+    if loop.is_closed():
+        return
+    try:
+        loop.call_soon_threadsafe(callback, *args)
+    except RuntimeError:  # closed between the check and the call
+        pass
 
 
 def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:

@@ -1,0 +1,224 @@
+"""The gateway's side of a pooled local model: a `Backend` that enqueues one Celery task per request and reads
+the answer back from the request's Redis Stream (workers.pool.protocol).
+
+Failures are the router's to act on, as for any backend: a broker or state Redis that is down fails the call
+at once (`CONNECTION`: the cascade escalates, reason `error`); a queue longer than `max_queue_depth`, or
+workers whose measured wait exceeds `max_wait_s`, refuses the request before it is enqueued (`OVERLOADED`:
+the cascade escalates, reason `capacity`); a worker that stops refreshing its heartbeat mid-request fails the
+call (`SERVER`). A caller that goes away sets the request's cancel key, so the worker frees its sequences.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from redis import asyncio as aioredis
+
+from workers.backend import GenerationRequest, GenerationResult, StreamChunk
+from workers.errors import BackendError, FailureKind
+from workers.pool import protocol
+from workers.pricing import TokenPrice
+
+log = logging.getLogger("frugal.pool")
+
+_REDIS_FAILURES = (aioredis.RedisError, OSError)
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    queue: str
+    max_queue_depth: int = 16
+    max_wait_s: float = 2.0
+    expires_s: float = 30.0
+    enqueue_timeout_s: float = 1.0
+    worker_timeout_s: float = 3.0
+    probe_interval_s: float = 0.25
+    #: Seconds any one call to the state Redis may take (reading the stream blocks for up to a second more).
+    redis_timeout_s: float = 0.25
+
+
+class PooledBackend:
+    """`Backend` over the Celery queue of a local model (`frugal worker --model ...` consumes it)."""
+
+    def __init__(self, name: str, settings: PoolSettings, *, broker_url: str, state_url: str,
+                 price: TokenPrice | None = None) -> None:
+        from workers.pool.app import celery_app  # noqa: PLC0415 (Celery only when a model is pooled)
+
+        self.name = name
+        self.price = price or TokenPrice()
+        self.settings = settings
+        self._app = celery_app(broker_url, timeout_s=settings.enqueue_timeout_s)
+        timeout = settings.redis_timeout_s
+        self._broker = aioredis.Redis.from_url(broker_url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        self._state = aioredis.Redis.from_url(state_url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        self._block_ms = int(min(1.0, settings.worker_timeout_s / 3) * 1000)
+        # Reading a stream blocks in Redis for up to `_block_ms`: its socket waits that long and a bit more.
+        self._streams = aioredis.Redis.from_url(state_url, socket_timeout=self._block_ms / 1000 + timeout,
+                                                socket_connect_timeout=timeout)
+        # Handing a task to Celery is a blocking call (kombu): done on threads of its own, never on the loop.
+        self._enqueuer = ThreadPoolExecutor(max_workers=8, thread_name_prefix=f"enqueue-{name}")
+        self._probed_at = -1e9
+        self._probe: asyncio.Task[tuple[int, float]] | None = None
+        self._depth, self._wait = 0, 0.0
+        self._pending_cancels: set[asyncio.Task[None]] = set()
+
+    # -- before enqueueing -------------------------------------------------------------------------------
+    async def _read_load(self) -> tuple[int, float]:
+        depth = await self._broker.llen(self.settings.queue)
+        wait = await self._state.get(protocol.wait_key(self.settings.queue))
+        return int(depth), float(wait) if wait else 0.0
+
+    async def _admit(self) -> None:
+        """Refuse (OVERLOADED) when the queue or the workers' wait is past its bound; the load is read at most
+        every `probe_interval_s`, by one request for all."""
+        now = time.monotonic()
+        if self._probe is None and now - self._probed_at >= self.settings.probe_interval_s:
+            self._probed_at = now
+            self._probe = asyncio.get_running_loop().create_task(self._read_load())
+        if self._probe is not None:
+            probe = self._probe
+            try:
+                self._depth, self._wait = await asyncio.shield(probe)
+            except _REDIS_FAILURES as exc:
+                raise BackendError(FailureKind.CONNECTION, f"{self.name}: the worker pool's Redis is unreachable: "
+                                   f"{exc}") from exc
+            finally:
+                if probe.done() and self._probe is probe:
+                    self._probe = None
+        s = self.settings
+        if self._depth > s.max_queue_depth or self._wait > s.max_wait_s:
+            raise BackendError(FailureKind.OVERLOADED, f"{self.name}: the worker pool is busy ({self._depth} queued, "
+                               f"{self._wait:.2f} s wait)", status=503, retry_after_s=max(1.0, self._wait))
+
+    async def _enqueue(self, request_id: str, mode: str, request: GenerationRequest) -> None:
+        s = self.settings
+
+        def send() -> None:
+            self._app.send_task(protocol.TASK, args=[request_id, s.queue, mode, protocol.request_to_dict(request),
+                                                     time.time()],
+                                task_id=request_id, queue=s.queue, expires=s.expires_s, retry=False)
+
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(s.enqueue_timeout_s):
+                await loop.run_in_executor(self._enqueuer, send)
+        except TimeoutError as exc:
+            raise BackendError(FailureKind.CONNECTION, f"{self.name}: the broker did not take the request within "
+                               f"{s.enqueue_timeout_s:g} s") from exc
+        except Exception as exc:  # kombu's OperationalError, redis errors, OSError: the broker is down
+            raise BackendError(FailureKind.CONNECTION, f"{self.name}: the broker is unreachable: {exc}") from exc
+
+    # -- reading the answer --------------------------------------------------------------------------------
+    async def _events(self, request_id: str) -> AsyncIterator[tuple[str, Any]]:
+        """The request's events in order, until one that ends it; a worker that stops its heartbeat fails it."""
+        key, last = protocol.stream_key(request_id), "0-0"
+        worker: str | None = None
+        while True:
+            try:
+                reply = await self._streams.xread({key: last}, count=256, block=self._block_ms)
+            except _REDIS_FAILURES as exc:
+                raise BackendError(FailureKind.CONNECTION, f"{self.name}: lost the worker pool's Redis: {exc}") \
+                    from exc
+            if not reply:
+                if worker is not None and not await self._alive(worker):
+                    raise BackendError(FailureKind.SERVER, f"{self.name}: worker {worker} stopped answering "
+                                       f"(its heartbeat expired mid-request)")
+                continue
+            for entry_id, fields in reply[0][1]:
+                last = entry_id
+                event = fields[b"e"].decode()
+                data = orjson.loads(fields[b"d"])
+                if event == "start":
+                    worker = data["worker"]
+                    continue
+                yield event, data
+                if event in ("end", "result", "error"):
+                    return
+
+    async def _alive(self, worker: str) -> bool:
+        try:
+            return bool(await self._state.exists(protocol.worker_key(worker)))
+        except _REDIS_FAILURES as exc:
+            raise BackendError(FailureKind.CONNECTION, f"{self.name}: lost the worker pool's Redis: {exc}") from exc
+
+    @staticmethod
+    def _failure(data: dict[str, Any]) -> BackendError:
+        try:
+            kind = FailureKind(data.get("kind"))
+        except ValueError:
+            kind = FailureKind.SERVER
+        return BackendError(kind, data.get("message") or "the worker failed", status=data.get("status"),
+                            retry_after_s=data.get("retry_after_s"))
+
+    def _cancel(self, request_id: str) -> None:
+        """Tell the worker to stop (best effort, without waiting: the caller is leaving)."""
+
+        async def cancel() -> None:
+            try:
+                await self._state.set(protocol.cancel_key(request_id), "1", ex=int(self.settings.expires_s) + 60)
+            except _REDIS_FAILURES:
+                log.warning("%s: could not cancel request %s (Redis unreachable)", self.name, request_id)
+
+        task = asyncio.get_running_loop().create_task(cancel())
+        self._pending_cancels.add(task)
+        task.add_done_callback(self._pending_cancels.discard)
+
+    # -- the protocol ------------------------------------------------------------------------------------
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        started = time.perf_counter()
+        await self._admit()
+        request_id = uuid.uuid4().hex
+        await self._enqueue(request_id, "generate", request)
+        done = False
+        try:
+            async for event, data in self._events(request_id):
+                if event == "error":
+                    done = True
+                    raise self._failure(data)
+                if event == "result":
+                    done = True
+                    result = protocol.result_from_dict(data)
+                    result.model = self.name
+                    result.latency_s = time.perf_counter() - started
+                    result.cost_usd = self.price.cost(result.usage.prompt_tokens, result.usage.completion_tokens)
+                    return result
+            raise BackendError(FailureKind.SERVER, f"{self.name}: the worker's answer ended without a result")
+        finally:
+            if not done:
+                self._cancel(request_id)
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamChunk]:
+        await self._admit()
+        request_id = uuid.uuid4().hex
+        await self._enqueue(request_id, "stream", request)
+        done = False
+        try:
+            async for event, data in self._events(request_id):
+                if event == "error":
+                    done = True
+                    raise self._failure(data)
+                chunk = protocol.chunk_from_dict(data)
+                if event == "end":
+                    done = True
+                    usage = chunk.usage
+                    if usage is not None:
+                        chunk.cost_usd = self.price.cost(usage.prompt_tokens, usage.completion_tokens)
+                yield chunk
+        finally:
+            if not done:
+                self._cancel(request_id)
+
+    async def aclose(self) -> None:
+        if self._pending_cancels:
+            await asyncio.gather(*self._pending_cancels, return_exceptions=True)
+        self._enqueuer.shutdown(wait=False, cancel_futures=True)
+        for client in (self._broker, self._state, self._streams):
+            await client.aclose()
