@@ -103,6 +103,17 @@ def redis_url(redis_server: str) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
+def smollm2_int8(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2-135M built at int8 (the default local model), once per session, outside the repository."""
+    from workers.local.catalog import build  # noqa: PLC0415
+
+    explicit = os.environ.get("FRUGAL_TEST_MODELS_DIR")
+    root = Path(explicit) if explicit else tmp_path_factory.getbasetemp() / "models"
+    root.mkdir(parents=True, exist_ok=True)
+    return build("smollm2-135m-instruct", "int8", root=root)
+
+
+@pytest.fixture(scope="session")
 def synthetic(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Grid, Path]:
     """A synthetic three-model data file (tests/cascade_data.py), its grid, and a cascade fitted on it."""
     folder = tmp_path_factory.mktemp("cascade")

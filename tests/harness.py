@@ -99,12 +99,15 @@ class Service:
             if self.process is not None and self.process.poll() is not None:
                 raise AssertionError(f"{self.name} exited with {self.process.returncode}:\n{self.log()}")
             try:
-                return httpx.get(self.url + self.ready_path, timeout=1.0).status_code == 200
+                return self.is_ready(httpx.get(self.url + self.ready_path, timeout=1.0))
             except httpx.HTTPError:
                 return False
 
         wait_until(ready, timeout_s, f"{self.name} to be ready")
         return self
+
+    def is_ready(self, response: httpx.Response) -> bool:
+        return response.status_code == 200
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:] if self.log_path.exists() else ""
@@ -122,6 +125,39 @@ class Service:
         code = self.process.returncode
         self.process = None
         return code
+
+
+class PoolWorker(Service):
+    """A `frugal worker` process serving `model` of the config at `config_path`; ready once it consumes its
+    queue (its metrics say so). Its metrics are read with `metrics()`."""
+
+    def __init__(self, tmp: Path, config_path: Path, model: str, env: dict[str, str], concurrency: int = 8) -> None:
+        port = free_port()
+        super().__init__("worker", [str(BIN / "frugal"), "worker", "--config", str(config_path), "--model", model,
+                                    "--concurrency", str(concurrency), "--metrics-port", str(port),
+                                    "--metrics-host", "127.0.0.1", "--device", "cpu"],
+                         port, tmp, env, ready_path="/metrics")
+
+    def is_ready(self, response: httpx.Response) -> bool:
+        return response.status_code == 200 and "frugal_worker_ready 1.0" in response.text
+
+    def metrics(self) -> dict[str, float]:
+        """Every sample of the worker's /metrics, by name with its labels (`name{label="value"}`)."""
+        from prometheus_client.parser import text_string_to_metric_families  # noqa: PLC0415
+
+        values = {}
+        for family in text_string_to_metric_families(httpx.get(self.url + "/metrics", timeout=5.0).text):
+            for sample in family.samples:
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+                values[sample.name + (f"{{{labels}}}" if labels else "")] = sample.value
+        return values
+
+    def kill(self) -> None:
+        """SIGKILL: no goodbye, no clean-up (a worker that crashed or whose host died)."""
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(10)
+        self.process = None
 
 
 def write_dataset(path: Path, rows: Iterable[dict[str, Any]]) -> Path:

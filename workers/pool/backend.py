@@ -55,7 +55,12 @@ class PooledBackend:
         self.name = name
         self.price = price or TokenPrice()
         self.settings = settings
+        from kombu import Exchange, Queue  # noqa: PLC0415
+
         self._app = celery_app(broker_url, timeout_s=settings.enqueue_timeout_s)
+        # Published on the default (anonymous) exchange: the message goes straight onto the queue's list, with no
+        # binding to look up or declare, so a broker that restarted empty takes the next request as it is.
+        self._queue = Queue(settings.queue, Exchange(""), routing_key=settings.queue, no_declare=True)
         timeout = settings.redis_timeout_s
         self._broker = aioredis.Redis.from_url(broker_url, socket_timeout=timeout, socket_connect_timeout=timeout)
         self._state = aioredis.Redis.from_url(state_url, socket_timeout=timeout, socket_connect_timeout=timeout)
@@ -104,7 +109,7 @@ class PooledBackend:
         def send() -> None:
             self._app.send_task(protocol.TASK, args=[request_id, s.queue, mode, protocol.request_to_dict(request),
                                                      time.time()],
-                                task_id=request_id, queue=s.queue, expires=s.expires_s, retry=False)
+                                task_id=request_id, queue=self._queue, expires=s.expires_s, retry=False)
 
         loop = asyncio.get_running_loop()
         try:
