@@ -30,6 +30,19 @@ log = logging.getLogger("frugal.worker")
 #: Weight of the newest measurement in the workers' moving average of waits.
 _WAIT_ALPHA = 0.3
 
+#: Taking a request, in one round trip: claim it (a second delivery finds the claim), unless its client has
+#: cancelled it; then the `start` event, the stream's TTL and the workers' queue wait (read by the gateways
+#: for backpressure; it expires when nothing starts for a while).
+#: KEYS: claim, cancel, stream, wait. ARGV: worker id, TTL s, start payload, wait s, stream max length.
+_TAKE = """
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return 'duplicate' end
+if redis.call('EXISTS', KEYS[2]) == 1 then return 'cancelled' end
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', 'e', 'start', 'd', ARGV[3])
+redis.call('EXPIRE', KEYS[3], ARGV[2])
+redis.call('SET', KEYS[4], ARGV[4], 'EX', 10)
+return 'started'
+"""
+
 
 class PoolRunner:
     """Runs requests for the local models of one worker process (`backends` by queue)."""
@@ -47,6 +60,7 @@ class PoolRunner:
         self.wait_seconds: dict[str, float] = {}
         self.running = 0
         self._lock = threading.Lock()
+        self._take = client.register_script(_TAKE)
 
     # -- events ------------------------------------------------------------------------------------------
     def emit(self, request_id: str, event: str, data: Any = None, *, first: bool = False) -> None:
@@ -83,14 +97,14 @@ class PoolRunner:
             self.error(request_id, BackendError(FailureKind.NOT_FOUND, f"no model of this worker serves {queue}"),
                        first=True)
             return "error"
-        if not self.redis.set(protocol.claim_key(request_id), self.worker_id, nx=True, ex=int(self.stream_ttl_s)):
-            self._count("duplicate")  # delivered twice: the first delivery runs it
-            return "duplicate"
-        if self.redis.exists(protocol.cancel_key(request_id)):
-            self._count("cancelled")
-            return "cancelled"
-        self._observe_wait(queue, max(0.0, time.time() - enqueued_at))
-        self.emit(request_id, "start", {"worker": self.worker_id}, first=True)
+        wait = self._observe_wait(queue, max(0.0, time.time() - enqueued_at))
+        taken = self._take(keys=[protocol.claim_key(request_id), protocol.cancel_key(request_id),
+                                 protocol.stream_key(request_id), protocol.wait_key(queue)],
+                           args=[self.worker_id, int(self.stream_ttl_s), protocol.dumps({"worker": self.worker_id}),
+                                 f"{wait:.4f}", self.stream_maxlen]).decode()
+        if taken != "started":  # "duplicate": delivered twice, the first delivery runs it; or "cancelled"
+            self._count(taken)
+            return taken
         with self._lock:
             self.running += 1
         try:
@@ -108,16 +122,13 @@ class PoolRunner:
         self._count(outcome)
         return outcome
 
-    def _observe_wait(self, queue: str, wait_s: float) -> None:
+    def _observe_wait(self, queue: str, wait_s: float) -> float:
+        """The moving average of the queue's wait, with `wait_s` in it."""
         with self._lock:
             previous = self.wait_seconds.get(queue)
             average = wait_s if previous is None else previous + _WAIT_ALPHA * (wait_s - previous)
             self.wait_seconds[queue] = average
-        self._count("wait_samples")
-        try:  # the gateways read it for backpressure; it expires when nothing has started for a while
-            self.redis.set(protocol.wait_key(queue), f"{average:.4f}", ex=10)
-        except redis.RedisError:
-            log.warning("could not publish the queue wait of %s", queue)
+        return average
 
     async def _serve(self, backend: LocalBackend, request_id: str, mode: str, request: GenerationRequest) -> str:
         work = asyncio.current_task()
