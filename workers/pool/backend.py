@@ -70,8 +70,8 @@ class PooledBackend:
                                                 socket_connect_timeout=timeout)
         # Handing a task to Celery is a blocking call (kombu): done on threads of its own, never on the loop.
         self._enqueuer = ThreadPoolExecutor(max_workers=8, thread_name_prefix=f"enqueue-{name}")
-        self._probed_at = -1e9
-        self._probe: asyncio.Task[tuple[int, float]] | None = None
+        self._probed_at = -1.0  # never
+        self._probe: asyncio.Task[None] | None = None
         self._depth, self._wait = 0, 0.0
         self._pending_cancels: set[asyncio.Task[None]] = set()
 
@@ -81,23 +81,25 @@ class PooledBackend:
         wait = await self._state.get(protocol.wait_key(self.settings.queue))
         return int(depth), float(wait) if wait else 0.0
 
+    async def _refresh_load(self) -> None:
+        try:
+            self._depth, self._wait = await self._read_load()
+        except _REDIS_FAILURES:  # unknown: the enqueue or the stream will fail fast and say why
+            self._depth, self._wait = 0, 0.0
+        finally:
+            self._probe = None
+
     async def _admit(self) -> None:
-        """Refuse (OVERLOADED) when the queue or the workers' wait is past its bound; the load is read at most
-        every `probe_interval_s`, by one request for all."""
+        """Refuse (OVERLOADED) when the queue or the workers' wait is past its bound. The load is read in the
+        background at most every `probe_interval_s`, for all requests; only the very first request waits for
+        a reading."""
         now = time.monotonic()
         if self._probe is None and now - self._probed_at >= self.settings.probe_interval_s:
+            first = self._probed_at < 0
             self._probed_at = now
-            self._probe = asyncio.get_running_loop().create_task(self._read_load())
-        if self._probe is not None:
-            probe = self._probe
-            try:
-                self._depth, self._wait = await asyncio.shield(probe)
-            except _REDIS_FAILURES as exc:
-                raise BackendError(FailureKind.CONNECTION, f"{self.name}: the worker pool's Redis is unreachable: "
-                                   f"{exc}") from exc
-            finally:
-                if probe.done() and self._probe is probe:
-                    self._probe = None
+            self._probe = asyncio.get_running_loop().create_task(self._refresh_load())
+            if first:
+                await asyncio.shield(self._probe)
         s = self.settings
         if self._depth > s.max_queue_depth or self._wait > s.max_wait_s:
             raise BackendError(FailureKind.OVERLOADED, f"{self.name}: the worker pool is busy ({self._depth} queued, "
@@ -222,6 +224,8 @@ class PooledBackend:
                 self._cancel(request_id)
 
     async def aclose(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
         if self._pending_cancels:
             await asyncio.gather(*self._pending_cancels, return_exceptions=True)
         self._enqueuer.shutdown(wait=False, cancel_futures=True)

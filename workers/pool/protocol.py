@@ -73,6 +73,17 @@ def request_from_dict(data: dict[str, Any]) -> GenerationRequest:
     return GenerationRequest(**{**data, "needs": frozenset(data.get("needs") or ())})
 
 
+def chunk_to_dict(chunk: StreamChunk) -> dict[str, Any]:
+    """A streamed increment, without what it does not carry (per token: `dataclasses.asdict` costs more)."""
+    data: dict[str, Any] = {"index": chunk.index, "text": chunk.text, "finish_reason": chunk.finish_reason}
+    if chunk.logprobs is not None:
+        data["logprobs"] = [{"token": t.token, "logprob": t.logprob,
+                             "top": [{"token": o.token, "logprob": o.logprob} for o in t.top]} for t in chunk.logprobs]
+    if chunk.tool_calls is not None:
+        data["tool_calls"] = chunk.tool_calls
+    return data
+
+
 def _logprobs(items: list[dict[str, Any]] | None) -> list[TokenLogprob] | None:
     if items is None:
         return None
@@ -82,7 +93,7 @@ def _logprobs(items: list[dict[str, Any]] | None) -> list[TokenLogprob] | None:
 
 def chunk_from_dict(data: dict[str, Any]) -> StreamChunk:
     usage = data.get("usage")
-    return StreamChunk(index=data["index"], text=data["text"], finish_reason=data["finish_reason"],
+    return StreamChunk(index=data["index"], text=data["text"], finish_reason=data.get("finish_reason"),
                        logprobs=_logprobs(data.get("logprobs")), usage=Usage(**usage) if usage else None,
                        cost_usd=data.get("cost_usd"), tool_calls=data.get("tool_calls"))
 

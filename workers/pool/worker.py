@@ -137,6 +137,7 @@ def run_worker(models: list[PooledModel], options: WorkerOptions) -> None:
     stop = threading.Event()
     beat = threading.Thread(target=_heartbeat, args=(state, worker_id, stop), name="heartbeat", daemon=True)
     beat.start()
+    runner.start()
     node = options.node_name or f"frugal-{'-'.join(m.name for m in models)}@{socket.gethostname()}"
     try:
         app.worker_main(["worker", "--pool=threads", f"--concurrency={options.concurrency}", "-Q", ",".join(queues),
@@ -144,6 +145,7 @@ def run_worker(models: list[PooledModel], options: WorkerOptions) -> None:
                          "--without-heartbeat", "-n", node])
     finally:
         stop.set()
+        runner.stop()
         state.delete(protocol.worker_key(worker_id))
         for backend in backends.values():
             backend.generator.close()
