@@ -11,6 +11,7 @@ call (`SERVER`). A caller that goes away sets the request's cancel key, so the w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -179,49 +180,42 @@ class PooledBackend:
         task.add_done_callback(self._pending_cancels.discard)
 
     # -- the protocol ------------------------------------------------------------------------------------
-    async def generate(self, request: GenerationRequest) -> GenerationResult:
-        started = time.perf_counter()
+    async def _answer(self, mode: str, request: GenerationRequest) -> AsyncIterator[tuple[str, Any]]:
+        """Admit, enqueue, then the request's events until its last (an `error` event is raised); a caller
+        that leaves before the last event cancels the request in the worker."""
         await self._admit()
         request_id = uuid.uuid4().hex
-        await self._enqueue(request_id, "generate", request)
+        await self._enqueue(request_id, mode, request)
         done = False
         try:
             async for event, data in self._events(request_id):
+                done = event in ("end", "result", "error")
                 if event == "error":
-                    done = True
                     raise self._failure(data)
+                yield event, data
+        finally:
+            if not done:
+                self._cancel(request_id)
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        started = time.perf_counter()
+        async with contextlib.aclosing(self._answer("generate", request)) as events:
+            async for event, data in events:
                 if event == "result":
-                    done = True
                     result = protocol.result_from_dict(data)
                     result.model = self.name
                     result.latency_s = time.perf_counter() - started
                     result.cost_usd = self.price.cost(result.usage.prompt_tokens, result.usage.completion_tokens)
                     return result
-            raise BackendError(FailureKind.SERVER, f"{self.name}: the worker's answer ended without a result")
-        finally:
-            if not done:
-                self._cancel(request_id)
+        raise BackendError(FailureKind.SERVER, f"{self.name}: the worker's answer ended without a result")
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamChunk]:
-        await self._admit()
-        request_id = uuid.uuid4().hex
-        await self._enqueue(request_id, "stream", request)
-        done = False
-        try:
-            async for event, data in self._events(request_id):
-                if event == "error":
-                    done = True
-                    raise self._failure(data)
+        async with contextlib.aclosing(self._answer("stream", request)) as events:  # leaving closes it at once
+            async for event, data in events:
                 chunk = protocol.chunk_from_dict(data)
-                if event == "end":
-                    done = True
-                    usage = chunk.usage
-                    if usage is not None:
-                        chunk.cost_usd = self.price.cost(usage.prompt_tokens, usage.completion_tokens)
+                if event == "end" and chunk.usage is not None:
+                    chunk.cost_usd = self.price.cost(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
                 yield chunk
-        finally:
-            if not done:
-                self._cancel(request_id)
 
     async def aclose(self) -> None:
         if self._probe is not None:
