@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from fastapi import APIRouter
@@ -31,12 +30,12 @@ from gateway.errors import APIError, bad_request, unauthorized
 from gateway.estimates import LiveEstimates, ledger_estimates
 from gateway.feedback import ledger_unavailable
 from gateway.ledger import Ledger
+from gateway.pagination import window_of
 from gateway.requests import read_json
 from gateway.responses import json_response
 from gateway.swaps import RouteSwitch, SwapError
 
 ADMIN_KEY_ENV = "FRUGAL_ADMIN_KEY"
-MAX_WINDOW = timedelta(days=90)
 
 
 class AdminGuard:
@@ -62,17 +61,6 @@ class AdminGuard:
         if hmac.compare_digest(hashlib.sha256(secret.encode()).digest(), self._digest):
             return
         raise APIError(403, "This key may not use the admin API.", type="permission_error", code="forbidden")
-
-
-def _time(value: str | None, name: str, default: datetime) -> datetime:
-    if value is None:
-        return default
-    try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError as exc:
-        raise bad_request(f"'{name}' must be an ISO 8601 time (2026-12-01T00:00:00Z).", param=name,
-                          code="invalid_value") from exc
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def _route_of(body: dict[str, Any]) -> str:
@@ -121,13 +109,7 @@ def admin_routes(guard: AdminGuard, switch: RouteSwitch, ledger: Ledger, live: L
     @routes.get("/admin/learning")
     async def learning(request: Request) -> Response:
         guard.check(request)
-        now = datetime.now(UTC)
-        until = _time(request.query_params.get("until"), "until", now)
-        since = _time(request.query_params.get("since"), "since", until - timedelta(days=1))
-        if since >= until:
-            raise bad_request("'since' must be before 'until'.", param="since", code="invalid_value")
-        if until - since > MAX_WINDOW:
-            raise bad_request(f"The window may be at most {MAX_WINDOW.days} days.", param="since", code="invalid_value")
+        since, until = window_of(request)
         names = [request.query_params["route"]] if "route" in request.query_params else list(switch.live)
         unknown = [n for n in names if n not in switch.live]
         if unknown:

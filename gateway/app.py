@@ -14,6 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway.admin import AdminGuard, admin_routes
+from gateway.admin_keys import admin_key_routes
 from gateway.artifacts import ArtifactStore
 from gateway.audits import Auditor
 from gateway.auth import KeyStore
@@ -34,6 +35,11 @@ from gateway.routes import build_router
 from gateway.settings import FrugalConfig
 from gateway.shared_state import StateErrors, state_client
 from gateway.swaps import RouteSwitch
+from gateway.tenants.audit import AdminAudit
+from gateway.tenants.budgets import BudgetBook
+from gateway.tenants.counters import BudgetCounters, RedisCounters, SqlCounters
+from gateway.tenants.keys import Teams, VirtualKeys
+from gateway.tenants.reservations import BudgetGate
 from router.cooldown import Cooldown
 from router.shared_cooldown import SharedCooldown
 from workers import tokens
@@ -65,7 +71,14 @@ def create_app(config: FrugalConfig, *, backends: dict[str, Backend] | None = No
                                   sync_s=config.redis.cooldown_sync_s,
                                   on_error=lambda exc: state_errors.report("cooldowns", "open", exc))
     router, context = build_router(config, built, cooldown)
-    keys = KeyStore(config.auth, config.limits.requests_per_minute, config.limits.tokens_per_minute)
+    virtual_keys = VirtualKeys(ledger.engine, config.auth.cache_s)
+    keys = KeyStore(config.auth, config.limits.requests_per_minute, config.limits.tokens_per_minute, virtual_keys)
+    budget_book = BudgetBook(ledger.engine, config.auth.cache_s)
+    counters: BudgetCounters = (
+        RedisCounters(state_client(config.redis.state, config.redis.timeout_s))
+        if config.redis.state and config.budgets.store in ("auto", "redis") else SqlCounters(ledger.engine))
+    budgets = BudgetGate(budget_book, counters, config.models, lease_s=config.budgets.lease_s,
+                         default_max_tokens=config.budgets.default_max_tokens, errors=state_errors)
     if config.auth.required and not len(keys):
         log.warning("auth is required but no key is usable: every request will get 401 "
                     "(set the environment variables named by auth.keys[].key_env)")
@@ -87,6 +100,7 @@ def create_app(config: FrugalConfig, *, backends: dict[str, Backend] | None = No
         store_content=config.ledger.store_content,
         cache=cache,
         auditor=auditor,
+        budgets=budgets,
     )
     feedback = FeedbackEndpoint(keys, ledger, metrics, config.ledger.store_content, config.limits.max_body_bytes)
 
@@ -113,6 +127,7 @@ def create_app(config: FrugalConfig, *, backends: dict[str, Backend] | None = No
                    if config.artifacts.watch_interval_s > 0 and switch.live else None)
         if isinstance(cooldown, SharedCooldown):
             cooldown.start()
+        budgets.start()
         log.info("frugal gateway ready: %d models, %d routes, ledger %s", len(config.models),
                  len(config.routes), ledger.engine.url.render_as_string())
         try:
@@ -123,6 +138,7 @@ def create_app(config: FrugalConfig, *, backends: dict[str, Backend] | None = No
                 with contextlib.suppress(asyncio.CancelledError):
                     await watcher
             await auditor.drain()
+            await budgets.stop()
             if isinstance(cooldown, SharedCooldown):
                 await cooldown.stop()
             if isinstance(limiter, RedisRateLimiter):
@@ -156,7 +172,13 @@ def create_app(config: FrugalConfig, *, backends: dict[str, Backend] | None = No
     async def post_feedback(request: Request) -> Response:
         return await feedback.handle(request)
 
-    app.include_router(admin_routes(AdminGuard(), switch, ledger, estimates, config.limits.max_body_bytes))
-    app.include_router(model_routes([m.name for m in config.models] + [r.name for r in config.routes], keys))
+    guard = AdminGuard()
+    audit = AdminAudit(ledger.engine)
+    app.state.admin_audit = audit
+    app.include_router(admin_routes(guard, switch, ledger, estimates, config.limits.max_body_bytes))
+    names = [m.name for m in config.models] + [r.name for r in config.routes]
+    app.include_router(admin_key_routes(guard, virtual_keys, Teams(ledger.engine), budget_book, budgets, audit, names,
+                                        [k.id for k in config.auth.keys], config.limits.max_body_bytes))
+    app.include_router(model_routes(names, keys))
     app.include_router(operations_routes(ledger, router.pool.cooldown, metrics))
     return app

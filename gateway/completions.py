@@ -26,6 +26,7 @@ from gateway.ratelimit import Limiter
 from gateway.recorder import Recorder, RequestRecord
 from gateway.requests import ParsedRequest, parse_request, read_json
 from gateway.responses import SSEWriter, completion_body
+from gateway.tenants.reservations import BudgetGate, Reservation
 from gateway.trace_headers import trace_headers
 from router.failures import RouteFailed, RouteIncapable, RouteUnavailable
 from router.prompts import answer_each_prompt
@@ -69,7 +70,8 @@ class SettledStreamingResponse(StreamingResponse):
 class CompletionsEndpoint:
     def __init__(self, *, keys: KeyStore, limiter: Limiter, router: Router, recorder: Recorder,
                  max_body_bytes: int, default_timeout_s: float, store_content: bool,
-                 cache: ResponseCache | None = None, auditor: Auditor | None = None) -> None:
+                 cache: ResponseCache | None = None, auditor: Auditor | None = None,
+                 budgets: BudgetGate | None = None) -> None:
         self.keys = keys
         self.limiter = limiter
         self.router = router
@@ -79,13 +81,15 @@ class CompletionsEndpoint:
         self.store_content = store_content
         self.cache = cache
         self.auditor = auditor
+        self.budgets = budgets
         self.ids = RequestIds()
 
     async def handle(self, request: Request, kind: RequestKind) -> Response:
         record = self.recorder.start(self.ids.next(), kind)
         handed_to_stream = False
+        reservation: Reservation | None = None
         try:
-            client = self.keys.authenticate(request)
+            client = await self.keys.authenticate(request)
             record.key_id = client.key_id
             refusal = await self.limiter.admit(client.key_id, client.requests_per_minute, client.tokens_per_minute)
             if refusal is not None:
@@ -99,6 +103,10 @@ class CompletionsEndpoint:
             route = self.router.resolve(parsed.model)
             if route is None:
                 raise model_not_found(parsed.model)
+            if not client.may_call(parsed.model):
+                raise APIError(403, f"This key may not call '{parsed.model}': its scope allows "
+                               f"{', '.join(sorted(client.models or ())) or 'no model'}.", type="permission_error",
+                               param="model", code="model_not_allowed")
             record.route_label = route.name
             record.trace = trace = DecisionTrace(route=route.name)
             generation = parsed.generation
@@ -114,12 +122,18 @@ class CompletionsEndpoint:
                 record.cache = lookup.result
                 if lookup.entry is not None:
                     return self._cached(kind, parsed, lookup, lookup.entry, record)
+            if self.budgets is not None:
+                budgets = await self.budgets.budgets_of(client.key_id, client.team_id)
+                if budgets:
+                    models = getattr(route, "models", None) or [route.name]
+                    reservation = await self.budgets.reserve(record.request_id, budgets, models, generation,
+                                                             parsed.prompts)
             if parsed.stream:
                 stream = await route.open_stream(generation, trace)
                 record.ttft_s = time.perf_counter() - record.started
                 handed_to_stream = True
                 after = self._after_answer(record, route, generation)
-                return self._streaming_response(kind, parsed, stream, record, lookup, after)
+                return self._streaming_response(kind, parsed, stream, record, lookup, after, reservation)
             if len(parsed.prompts) > 1:
                 result = await answer_each_prompt(route, generation, parsed.prompts, trace)
             else:
@@ -142,6 +156,13 @@ class CompletionsEndpoint:
         finally:
             if not handed_to_stream:
                 self.recorder.finish(record)
+                await self._settle(reservation, record)
+
+    async def _settle(self, reservation: Reservation | None, record: RequestRecord) -> None:
+        """Charge the request's budgets what the ledger records it cost, releasing its reservation."""
+        if reservation is not None and self.budgets is not None:
+            with anyio.CancelScope(shield=True):
+                await self.budgets.settle(reservation, record.cost_usd)
 
     def _after_answer(self, record: RequestRecord, route: Route, generation: GenerationRequest,
                       ) -> Callable[[], Awaitable[None]] | None:
@@ -220,7 +241,8 @@ class CompletionsEndpoint:
 
     def _streaming_response(self, kind: RequestKind, parsed: ParsedRequest, stream: RouteStream,
                             record: RequestRecord, lookup: CacheLookup | None,
-                            after: Callable[[], Awaitable[None]] | None = None) -> StreamingResponse:
+                            after: Callable[[], Awaitable[None]] | None = None,
+                            reservation: Reservation | None = None) -> StreamingResponse:
         writer = SSEWriter(kind, _response_id(kind, record), int(time.time()), stream.model, parsed.include_usage,
                            len(parsed.generation.prompt))
         n = int(parsed.generation.params.get("n", 1))
@@ -233,14 +255,15 @@ class CompletionsEndpoint:
                 record.abandoned()
                 record.spent(stream.usage, stream.cost_usd, stream.text)
                 self.recorder.finish(record)
+            await self._settle(reservation, record)
 
-        return SettledStreamingResponse(self._frames(writer, n, stream, record, lookup, after), settle,
+        return SettledStreamingResponse(self._frames(writer, n, stream, record, lookup, after, reservation), settle,
                                         media_type="text/event-stream",
                                         headers={**self._headers(record), "cache-control": "no-cache"})
 
     async def _frames(self, writer: SSEWriter, n: int, stream: RouteStream, record: RequestRecord,
                       lookup: CacheLookup | None, after: Callable[[], Awaitable[None]] | None,
-                      ) -> AsyncIterator[bytes]:
+                      reservation: Reservation | None = None) -> AsyncIterator[bytes]:
         sent = False
         try:
             if writer.kind == "chat":
@@ -270,6 +293,7 @@ class CompletionsEndpoint:
         finally:
             with anyio.CancelScope(shield=True):
                 await stream.aclose()  # bills what an abandoned stream generated
-            if not sent:
-                record.spent(stream.usage, stream.cost_usd, stream.text)
-            self.recorder.finish(record)
+                if not sent:
+                    record.spent(stream.usage, stream.cost_usd, stream.text)
+                self.recorder.finish(record)
+                await self._settle(reservation, record)

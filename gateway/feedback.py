@@ -130,7 +130,7 @@ class FeedbackEndpoint:
             correction=feedback.correction if self.store_content else None, sample_rate=1.0)
 
     async def handle(self, request: Request) -> Response:
-        client = self.keys.authenticate(request)
+        client = await self.keys.authenticate(request)
         body = await read_json(request, self.max_body_bytes)
         feedback = parse_feedback(body)
         try:

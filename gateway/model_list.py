@@ -24,17 +24,18 @@ def model_routes(names: list[str], keys: KeyStore) -> APIRouter:
     @routes.get("/v1/models")
     async def list_models(request: Request) -> Response:
         try:
-            keys.authenticate(request)
+            client = await keys.authenticate(request)
         except APIError as error:
             return error.response()
         created = int(time.time())
-        return json_response({"object": "list", "data": [_model_object(n, created) for n in names]})
+        return json_response({"object": "list", "data": [_model_object(n, created) for n in names
+                                                         if client.may_call(n)]})
 
     @routes.get("/v1/models/{name:path}")
     async def retrieve_model(request: Request, name: str) -> Response:
         try:
-            keys.authenticate(request)
-            if name not in names:
+            client = await keys.authenticate(request)
+            if name not in names or not client.may_call(name):
                 raise model_not_found(name)
         except APIError as error:
             return error.response()

@@ -228,6 +228,8 @@ class RouteConfig(_Strict):
     scorer: str | None = None
     #: A fitted cascade file (`frugal cascade fit --out`); relative to the config file.
     cascade: str | None = None
+    #: Set when the file is read (`resolved`): its absolute path, where the what-if API finds the frontier.
+    fitted_from: str | None = None
     #: Compress prompts before the models (tiers) of this route; `min_input_usd_per_mtok` picks which.
     compression: CompressionConfig | None = None
     #: Cascade routes: when no tier accepted an answer (every higher tier unusable or failed), return the
@@ -266,7 +268,8 @@ class RouteConfig(_Strict):
 
         fitted = CascadeFile.read(base_dir / self.cascade)
         tiers = [TierConfig(model=t.model, threshold=t.threshold) for t in fitted.chosen.tiers]
-        return self.model_copy(update={"tiers": tiers, "scorer": str(fitted.scorer), "cascade": None})
+        return self.model_copy(update={"tiers": tiers, "scorer": str(fitted.scorer), "cascade": None,
+                                       "fitted_from": str((base_dir / self.cascade).resolve())})
 
     @property
     def members(self) -> list[str]:
@@ -304,6 +307,22 @@ class AuthConfig(_Strict):
     #: false only for a gateway that nobody but its host can reach.
     required: bool = True
     keys: list[KeyConfig] = Field(default_factory=list)
+    #: Seconds a virtual key (created through the admin API) and its budgets are cached by each replica: a
+    #: key revoked or changed anywhere is refused everywhere within this (at most 1 s).
+    cache_s: float = Field(default=0.5, ge=0, le=1.0)
+
+
+class BudgetsConfig(_Strict):
+    """How budgets (per key and team, created through the admin API) are enforced (docs/keys-and-budgets.md)."""
+
+    #: Where spend and reservations are counted: "auto" (Redis when redis.state_url/redis.url is set, else
+    #: the ledger's SQL database), "redis" or "sql".
+    store: Literal["auto", "redis", "sql"] = "auto"
+    #: Seconds a reservation lasts unless its replica renews it (it does, every third of this, while the
+    #: request runs): what a replica that dies mid-request holds is released this long after.
+    lease_s: float = Field(default=30.0, ge=1)
+    #: Output tokens reserved for a request that sets no max_tokens, on a model of unknown context length.
+    default_max_tokens: int = Field(default=4096, gt=0)
 
 
 class LimitsConfig(_Strict):
@@ -438,6 +457,7 @@ class FrugalConfig(_Strict):
     compressor: CompressorConfig = CompressorConfig()
     artifacts: ArtifactsConfig = ArtifactsConfig()
     redis: RedisConfig = RedisConfig()
+    budgets: BudgetsConfig = BudgetsConfig()
 
     def model(self, name: str) -> ModelConfig:
         """The configured model named `name` (`KeyError` when there is none)."""
@@ -475,6 +495,8 @@ class FrugalConfig(_Strict):
         if pooled and not self.redis.state:
             raise ValueError(f"pooled models ({', '.join(pooled)}) need redis.state_url (or redis.url) for their "
                              f"token streams")
+        if self.budgets.store == "redis" and not self.redis.state:
+            raise ValueError("budgets.store is redis: set redis.url or redis.state_url (or $REDIS_URL)")
         key_ids = [k.id for k in self.auth.keys]
         if len(set(key_ids)) != len(key_ids):
             raise ValueError("key ids must be unique")

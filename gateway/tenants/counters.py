@@ -1,0 +1,301 @@
+"""Budget counters: what each budget has spent and what running requests have reserved against it, kept
+atomically across replicas — by Lua scripts in Redis, or by SQL transactions (docs/keys-and-budgets.md).
+
+Every request reserves its maximum cost on all of its budgets at once (all or none), and settles its actual
+cost when it ends: the reservation is released and the actual cost is added to `spent`. A reservation is a
+lease: the replica that holds it renews it while the request runs (`renew`), so a replica that dies leaves
+reservations that stop counting once their lease expires. Amounts are integers in nano-USD.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from redis.asyncio import Redis
+from sqlalchemy import Engine, and_, delete, func, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from starlette.concurrency import run_in_threadpool
+
+from gateway.tenants.budgets import Budget, Usage, counter_ttl_s
+from gateway.tenants.tables import budget_reservations_table, budget_usage_table
+
+
+@dataclass(frozen=True, slots=True)
+class Charge:
+    """One budget a request is charged to, in the period it started in."""
+
+    budget: Budget
+    period_start: str
+
+
+@dataclass(frozen=True, slots=True)
+class Exceeded:
+    """The reservation was refused: this budget has too little left."""
+
+    charge: Charge
+    spent_nanos: int
+    reserved_nanos: int
+
+
+class BudgetCounters(Protocol):
+    async def reserve(self, request_id: str, charges: Sequence[Charge], amount_nanos: int,
+                      lease_s: float) -> Exceeded | None: ...
+
+    async def settle(self, request_id: str, charges: Sequence[Charge], actual_nanos: int) -> None: ...
+
+    async def renew(self, leases: dict[str, Sequence[Charge]], lease_s: float) -> None: ...
+
+    async def usage(self, charges: Sequence[Charge]) -> list[Usage]: ...
+
+    async def aclose(self) -> None: ...
+
+
+# -- Redis ----------------------------------------------------------------------------------------------
+# Per budget and period three keys: a hash {spent, reserved}, a sorted set of reservations scored by the
+# lease's end (ms, on Redis's clock) and a hash of their amounts. Amounts travel as strings (Lua numbers
+# print large integers in exponent form). Expired leases are released before anything is read.
+
+_PURGE = """
+local function purge(h, z, a, now)
+  local gone = redis.call('ZRANGEBYSCORE', z, '-inf', now)
+  for _, r in ipairs(gone) do
+    local amount = redis.call('HGET', a, r)
+    if amount then
+      redis.call('HINCRBY', h, 'reserved', '-' .. amount)
+      redis.call('HDEL', a, r)
+    end
+    redis.call('ZREM', z, r)
+  end
+end
+local function keep(key, ttl)
+  if tonumber(ttl) > 0 then redis.call('EXPIRE', key, ttl) end
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+
+# KEYS: (hash, zset, amounts) per budget. ARGV: request id, amount, lease ms, then (limit, ttl) per budget.
+_RESERVE = _PURGE + """
+local n = #KEYS / 3
+local amount = tonumber(ARGV[2])
+for i = 0, n - 1 do
+  local h, z, a = KEYS[i * 3 + 1], KEYS[i * 3 + 2], KEYS[i * 3 + 3]
+  purge(h, z, a, now)
+  local spent = tonumber(redis.call('HGET', h, 'spent') or '0')
+  local reserved = tonumber(redis.call('HGET', h, 'reserved') or '0')
+  if spent + reserved + amount > tonumber(ARGV[4 + i * 2]) then
+    return {i + 1, tostring(spent), tostring(reserved)}
+  end
+end
+for i = 0, n - 1 do
+  local h, z, a = KEYS[i * 3 + 1], KEYS[i * 3 + 2], KEYS[i * 3 + 3]
+  local ttl = ARGV[5 + i * 2]
+  redis.call('ZADD', z, now + tonumber(ARGV[3]), ARGV[1])
+  redis.call('HSET', a, ARGV[1], ARGV[2])
+  redis.call('HINCRBY', h, 'reserved', ARGV[2])
+  keep(h, ttl) keep(z, ttl) keep(a, ttl)
+end
+return {0}
+"""
+
+# KEYS: (hash, zset, amounts) per budget. ARGV: request id, actual, then ttl per budget.
+_SETTLE = _PURGE + """
+local n = #KEYS / 3
+for i = 0, n - 1 do
+  local h, z, a = KEYS[i * 3 + 1], KEYS[i * 3 + 2], KEYS[i * 3 + 3]
+  local amount = redis.call('HGET', a, ARGV[1])
+  if amount then
+    redis.call('HINCRBY', h, 'reserved', '-' .. amount)
+    redis.call('HDEL', a, ARGV[1])
+    redis.call('ZREM', z, ARGV[1])
+  end
+  redis.call('HINCRBY', h, 'spent', ARGV[2])
+  keep(h, ARGV[3 + i]) keep(z, ARGV[3 + i]) keep(a, ARGV[3 + i])
+end
+return 0
+"""
+
+# KEYS: zsets. ARGV: lease ms, then request ids (one per key). Only leases still held are renewed.
+_RENEW = _PURGE + """
+for i = 1, #KEYS do
+  redis.call('ZADD', KEYS[i], 'XX', now + tonumber(ARGV[1]), ARGV[i + 1])
+end
+return 0
+"""
+
+# KEYS: (hash, zset, amounts) per budget.
+_USAGE = _PURGE + """
+local out = {}
+for i = 0, #KEYS / 3 - 1 do
+  local h, z, a = KEYS[i * 3 + 1], KEYS[i * 3 + 2], KEYS[i * 3 + 3]
+  purge(h, z, a, now)
+  out[#out + 1] = redis.call('HGET', h, 'spent') or '0'
+  out[#out + 1] = redis.call('HGET', h, 'reserved') or '0'
+end
+return out
+"""
+
+
+def _keys(charge: Charge) -> list[str]:
+    # One hash tag for every budget: a request's budgets are updated by one script, so on a Redis Cluster
+    # they must live in one slot.
+    base = f"frugal:{{budgets}}:{charge.budget.id}:{charge.period_start}"
+    return [base, base + ":leases", base + ":amounts"]
+
+
+class RedisCounters:
+    def __init__(self, client: Redis) -> None:
+        self.client = client
+        self._reserve = client.register_script(_RESERVE)
+        self._settle = client.register_script(_SETTLE)
+        self._renew = client.register_script(_RENEW)
+        self._usage = client.register_script(_USAGE)
+
+    async def reserve(self, request_id: str, charges: Sequence[Charge], amount_nanos: int,
+                      lease_s: float) -> Exceeded | None:
+        keys = [k for c in charges for k in _keys(c)]
+        args: list[str | int] = [request_id, str(amount_nanos), int(lease_s * 1000)]
+        for charge in charges:
+            args += [str(charge.budget.limit_nanos), counter_ttl_s(charge.budget.period)]
+        result = await self._reserve(keys=keys, args=args)
+        index = int(result[0])
+        if index == 0:
+            return None
+        return Exceeded(charges[index - 1], int(float(result[1])), int(float(result[2])))
+
+    async def settle(self, request_id: str, charges: Sequence[Charge], actual_nanos: int) -> None:
+        keys = [k for c in charges for k in _keys(c)]
+        await self._settle(keys=keys, args=[request_id, str(actual_nanos),
+                                            *(counter_ttl_s(c.budget.period) for c in charges)])
+
+    async def renew(self, leases: dict[str, Sequence[Charge]], lease_s: float) -> None:
+        keys, ids = [], []
+        for request_id, charges in leases.items():
+            for charge in charges:
+                keys.append(_keys(charge)[1])
+                ids.append(request_id)
+        if keys:
+            await self._renew(keys=keys, args=[int(lease_s * 1000), *ids])
+
+    async def usage(self, charges: Sequence[Charge]) -> list[Usage]:
+        if not charges:
+            return []
+        values = await self._usage(keys=[k for c in charges for k in _keys(c)])
+        return [Usage(int(values[i]), int(values[i + 1])) for i in range(0, len(values), 2)]
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+# -- SQL ------------------------------------------------------------------------------------------------
+class _Refused(Exception):
+    def __init__(self, exceeded: Exceeded) -> None:
+        self.exceeded = exceeded
+
+
+class SqlCounters:
+    """Counters in the ledger's database. Each reservation is one transaction whose first statement writes
+    (so SQLite takes its write lock first), and whose check is a conditional UPDATE (PostgreSQL re-checks it
+    against a row another transaction just changed): no two replicas can both take the last dollar."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        dialect = {"sqlite": sqlite, "postgresql": postgresql}.get(engine.dialect.name)
+        if dialect is None:
+            raise ValueError(f"SQL budgets need SQLite or PostgreSQL, not {engine.dialect.name}")
+        self._insert = dialect.insert
+        # SQLite has one writer at a time anyway: queueing here spares the busy-wait inside the driver.
+        self._lock: contextlib.AbstractContextManager[object] = (
+            threading.Lock() if engine.dialect.name == "sqlite" else contextlib.nullcontext())
+
+    def _open(self, connection, charge: Charge, now: float) -> None:  # type: ignore[no-untyped-def]
+        """Make sure the period's counter row exists, and release the reservations whose lease ended."""
+        u, r = budget_usage_table.c, budget_reservations_table.c
+        connection.execute(self._insert(budget_usage_table).values(
+            budget_id=charge.budget.id, period_start=charge.period_start, spent_nanos=0, reserved_nanos=0,
+        ).on_conflict_do_nothing(index_elements=["budget_id", "period_start"]))
+        gone = connection.execute(delete(budget_reservations_table).where(
+            r.budget_id == charge.budget.id, r.period_start == charge.period_start, r.expires_at < now,
+        ).returning(r.amount_nanos)).scalars().all()
+        if gone:
+            connection.execute(update(budget_usage_table).where(
+                u.budget_id == charge.budget.id, u.period_start == charge.period_start,
+            ).values(reserved_nanos=u.reserved_nanos - sum(gone)))
+
+    def _reserve(self, request_id: str, charges: Sequence[Charge], amount: int, lease_s: float) -> Exceeded | None:
+        u = budget_usage_table.c
+        now = time.time()
+        try:
+            with self._lock, self.engine.begin() as connection:
+                for charge in charges:
+                    self._open(connection, charge, now)
+                    where = and_(u.budget_id == charge.budget.id, u.period_start == charge.period_start)
+                    taken = connection.execute(update(budget_usage_table).where(
+                        where, u.spent_nanos + u.reserved_nanos + amount <= charge.budget.limit_nanos,
+                    ).values(reserved_nanos=u.reserved_nanos + amount))
+                    if taken.rowcount != 1:
+                        row = connection.execute(select(u.spent_nanos, u.reserved_nanos).where(where)).one()
+                        raise _Refused(Exceeded(charge, int(row.spent_nanos), int(row.reserved_nanos)))
+                    connection.execute(insert(budget_reservations_table).values(
+                        request_id=request_id, budget_id=charge.budget.id, period_start=charge.period_start,
+                        amount_nanos=amount, expires_at=now + lease_s))
+        except _Refused as refused:  # the transaction was rolled back: nothing reserved anywhere
+            return refused.exceeded
+        return None
+
+    def _settle(self, request_id: str, charges: Sequence[Charge], actual: int) -> None:
+        u, r = budget_usage_table.c, budget_reservations_table.c
+        now = time.time()
+        with self._lock, self.engine.begin() as connection:
+            for charge in charges:
+                self._open(connection, charge, now)
+                held = connection.execute(delete(budget_reservations_table).where(
+                    r.request_id == request_id, r.budget_id == charge.budget.id,
+                ).returning(r.amount_nanos)).scalars().all()
+                connection.execute(update(budget_usage_table).where(
+                    u.budget_id == charge.budget.id, u.period_start == charge.period_start,
+                ).values(reserved_nanos=u.reserved_nanos - sum(held), spent_nanos=u.spent_nanos + actual))
+
+    def _renew(self, leases: dict[str, Sequence[Charge]], lease_s: float) -> None:
+        if not leases:
+            return
+        r = budget_reservations_table.c
+        with self._lock, self.engine.begin() as connection:
+            connection.execute(update(budget_reservations_table).where(r.request_id.in_(list(leases)))
+                               .values(expires_at=time.time() + lease_s))
+
+    def _usage(self, charges: Sequence[Charge]) -> list[Usage]:
+        u, r = budget_usage_table.c, budget_reservations_table.c
+        now = time.time()
+        out = []
+        with self.engine.connect() as connection:
+            for charge in charges:
+                spent = connection.execute(select(u.spent_nanos).where(
+                    u.budget_id == charge.budget.id, u.period_start == charge.period_start)).scalar()
+                reserved = connection.execute(select(func.coalesce(func.sum(r.amount_nanos), 0)).where(
+                    r.budget_id == charge.budget.id, r.period_start == charge.period_start,
+                    r.expires_at >= now)).scalar()
+                out.append(Usage(int(spent or 0), int(reserved or 0)))
+        return out
+
+    async def reserve(self, request_id: str, charges: Sequence[Charge], amount_nanos: int,
+                      lease_s: float) -> Exceeded | None:
+        return await run_in_threadpool(self._reserve, request_id, charges, amount_nanos, lease_s)
+
+    async def settle(self, request_id: str, charges: Sequence[Charge], actual_nanos: int) -> None:
+        await run_in_threadpool(self._settle, request_id, charges, actual_nanos)
+
+    async def renew(self, leases: dict[str, Sequence[Charge]], lease_s: float) -> None:
+        await run_in_threadpool(self._renew, leases, lease_s)
+
+    async def usage(self, charges: Sequence[Charge]) -> list[Usage]:
+        return await run_in_threadpool(self._usage, charges)
+
+    async def aclose(self) -> None:
+        return None
+

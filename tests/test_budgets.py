@@ -1,0 +1,257 @@
+"""Virtual keys and budgets through real gateways (`frugal serve`), the stand-in provider, SQLite and a real
+Redis: reservations hold under concurrency across two replicas, cancelled streams and killed replicas release
+what they reserved, keys are hashed at rest, scoped, and revoked everywhere within a second."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import func, select
+
+from gateway.ledger import requests_table
+from tests.harness import Gateway, Service, TempRedis, model_entry, wait_until
+
+ADMIN_KEY = "frugal-admin-test-secret"
+ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    server = TempRedis(tmp_path_factory.mktemp("redis"))
+    yield server.start()
+    server.stop()
+
+
+def gateway_config(standin_url: str, ledger: Path, *, redis: str | None = None, lease_s: float = 30.0) -> dict:
+    config: dict[str, Any] = {
+        "models": [model_entry("alpha", "alpha", standin_url), model_entry("beta", "beta", standin_url)],
+        "ledger": {"url": f"sqlite:///{ledger}"},
+        "budgets": {"lease_s": lease_s},
+        "artifacts": {"watch_interval_s": 0},
+    }
+    if redis is not None:
+        config["redis"] = {"url": redis}
+    return config
+
+
+def replicas(make_gateway: Any, tmp_path: Path, standin_url: str, count: int = 2, **options: Any) -> list[Gateway]:
+    """`count` gateways sharing one SQLite database (and Redis when given), as replicas share PostgreSQL."""
+    config = gateway_config(standin_url, tmp_path / "shared-ledger.db", **options)
+    started = []
+    for index in range(count):
+        config["ledger"]["spill_path"] = str(tmp_path / f"spill-{index}.jsonl")
+        started.append(make_gateway(config, {"FRUGAL_ADMIN_KEY": ADMIN_KEY}))
+    return started
+
+
+def create_key(gateway: Gateway, **body: Any) -> dict[str, Any]:
+    response = httpx.post(gateway.url + "/admin/keys", json={"name": "test", **body}, headers=ADMIN, timeout=30)
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def key_state(gateway: Gateway, key_id: str) -> dict[str, Any]:
+    response = httpx.get(f"{gateway.url}/admin/keys/{key_id}", headers=ADMIN, timeout=30)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def ledger_spend(gateway: Gateway, key_id: str) -> tuple[int, float]:
+    with gateway.engine.connect() as connection:
+        count, total = connection.execute(select(func.count(), func.coalesce(func.sum(requests_table.c.cost_usd), 0))
+                                          .where(requests_table.c.key_id == key_id)).one()
+    return int(count), float(total)
+
+
+def chat(gateway: Gateway, secret: str, **extra: Any) -> httpx.Response:
+    body = {"model": "alpha", "messages": QUESTION, "max_tokens": 50, **extra}
+    return httpx.post(gateway.url + "/v1/chat/completions", json=body,
+                      headers={"authorization": f"Bearer {secret}"}, timeout=30)
+
+
+@pytest.mark.parametrize("store", ["sql", "redis"])
+def test_hundred_concurrent_requests_on_two_replicas_never_overspend(
+        store: str, make_gateway: Any, tmp_path: Path, standin_server: Service, redis_url: str) -> None:
+    a, b = replicas(make_gateway, tmp_path, standin_server.url, redis=redis_url if store == "redis" else None)
+    # One request reserves at most ~(32 prompt + 50 answer tokens) ≈ $0.000132 here: the budget fits 10.
+    limit = 10 * 0.000132
+    key = create_key(a, budgets=[{"period": "total", "limit_usd": limit}])
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=200)) as client:
+            calls = [client.post(gw.url + "/v1/chat/completions",
+                                 json={"model": "alpha", "messages": QUESTION, "max_tokens": 50},
+                                 headers={"authorization": f"Bearer {key['key']}"})
+                     for gw in [a, b] * 50]
+            return await asyncio.gather(*calls)
+
+    responses = asyncio.run(burst())
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) <= {200, 429}, statuses
+    refused = [r for r in responses if r.status_code == 429]
+    assert refused and statuses.count(200) >= 10
+    error = refused[0].json()["error"]
+    assert error["code"] == "budget_exceeded" and "total budget of key" in error["message"]
+    assert key["id"] in error["message"] and "does not reset" in error["message"]
+    count, ledger_total = wait_until(lambda: (c := ledger_spend(a, key["id"]))[0] == 100 and c, 20, "100 ledger rows")
+    state = key_state(b, key["id"])
+    [budget] = state["budgets"]
+    assert budget["reserved_usd"] == 0
+    assert budget["spent_usd"] == pytest.approx(ledger_total, abs=1e-8)  # the ledger agrees to the cent (and far below)
+    assert budget["spent_usd"] <= limit  # every reservation covered its request's actual cost
+
+
+@pytest.mark.parametrize("store", ["sql", "redis"])
+def test_cancelled_stream_settles_what_was_generated_and_releases_the_rest(
+        store: str, make_gateway: Any, tmp_path: Path, standin_server: Service, redis_url: str) -> None:
+    [gateway] = replicas(make_gateway, tmp_path, standin_server.url, count=1,
+                         redis=redis_url if store == "redis" else None)
+    key = create_key(gateway, budgets=[{"period": "day", "limit_usd": 1.0}])
+    slow = {"model": "beta", "chunk_latency_ms": 400}
+    httpx.post(standin_server.url + "/_standin/faults", json=slow).raise_for_status()
+    try:
+        body = {"model": "beta", "messages": QUESTION, "max_tokens": 200, "stream": True}
+        with httpx.stream("POST", gateway.url + "/v1/chat/completions", json=body, timeout=30,
+                          headers={"authorization": f"Bearer {key['key']}"}) as response:
+            assert response.status_code == 200
+            request_id = response.headers["x-request-id"]
+            lines = response.iter_lines()
+            assert next(lines).startswith("data:")
+            [held] = key_state(gateway, key["id"])["budgets"]
+            assert held["reserved_usd"] > 0  # held while the answer streams
+        # the client went away mid-answer
+        row = gateway.ledger_row(request_id)
+        assert row["status"] == 499
+        [budget] = wait_until(lambda: (s := key_state(gateway, key["id"])["budgets"])[0]["reserved_usd"] == 0 and s,
+                              10, "the reservation released")
+        assert budget["spent_usd"] == pytest.approx(row["cost_usd"], abs=1e-9)
+        assert row["completion_tokens"] < 200
+    finally:
+        httpx.delete(standin_server.url + "/_standin/faults")
+
+
+@pytest.mark.parametrize("store", ["sql", "redis"])
+def test_a_killed_replica_leaks_no_reservation_past_its_lease(
+        store: str, make_gateway: Any, tmp_path: Path, standin_server: Service, redis_url: str) -> None:
+    a, b = replicas(make_gateway, tmp_path, standin_server.url, redis=redis_url if store == "redis" else None,
+                    lease_s=2)
+    key = create_key(a, budgets=[{"period": "month", "limit_usd": 1.0}])
+    slow = {"model": "beta", "chunk_latency_ms": 1500}
+    httpx.post(standin_server.url + "/_standin/faults", json=slow).raise_for_status()
+    try:
+        body = {"model": "beta", "messages": QUESTION, "max_tokens": 200, "stream": True}
+        with httpx.stream("POST", a.url + "/v1/chat/completions", json=body, timeout=30,
+                          headers={"authorization": f"Bearer {key['key']}"}) as response:
+            assert response.status_code == 200
+            assert next(response.iter_lines()).startswith("data:")
+            assert a.process is not None
+            a.process.send_signal(signal.SIGKILL)
+            a.process.wait(10)
+            [held] = key_state(b, key["id"])["budgets"]
+            assert held["reserved_usd"] > 0
+        [budget] = wait_until(lambda: (s := key_state(b, key["id"])["budgets"])[0]["reserved_usd"] == 0 and s,
+                              15, "the dead replica's reservation expiring")
+        assert budget["spent_usd"] == 0
+        assert chat(b, key["key"]).status_code == 200  # the budget is whole again
+    finally:
+        httpx.delete(standin_server.url + "/_standin/faults")
+
+
+def test_keys_are_hashed_at_rest_scoped_expired_and_revoked_on_every_replica(
+        make_gateway: Any, tmp_path: Path, standin_server: Service) -> None:
+    a, b = replicas(make_gateway, tmp_path, standin_server.url)
+    key = create_key(a, name="scoped", models=["alpha"], metadata={"owner": "team-x"})
+    secret = key["key"]
+    assert secret.startswith("sk-frugal-") and key["prefix"] == secret[:14] and "key_hash" not in key
+    assert chat(b, secret).status_code == 200
+    refused = chat(b, secret, model="beta")
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "model_not_allowed"
+    listed = httpx.get(b.url + "/v1/models", headers={"authorization": f"Bearer {secret}"}).json()
+    assert [m["id"] for m in listed["data"]] == ["alpha"]
+    shown = key_state(b, key["id"])
+    assert "key" not in shown and "key_hash" not in shown
+
+    expired = create_key(a, expires_at="2020-01-01T00:00:00Z")
+    gone = chat(a, expired["key"])
+    assert gone.status_code == 401 and "expired" in gone.json()["error"]["message"]
+
+    revoked = httpx.post(f"{a.url}/admin/keys/{key['id']}/revoke", headers=ADMIN)
+    assert revoked.status_code == 200 and revoked.json()["revoked_at"]
+    # refused by the other replica within a second (each caches a key for auth.cache_s = 0.5 s)
+    refusal = wait_until(lambda: (r := chat(b, secret)).status_code == 401 and r, 1.0, "revocation on replica b")
+    assert "revoked" in refusal.json()["error"]["message"]
+
+    # the secrets appear nowhere: not in the database, not in either replica's log
+    for gateway in (a, b):
+        gateway.stop()
+    files = [p for p in tmp_path.iterdir() if p.name.startswith("shared-ledger.db")]
+    assert files
+    for path in files + [p for p in tmp_path.iterdir() if p.suffix == ".log"]:
+        data = path.read_bytes()
+        for raw in (secret, expired["key"], secret[14:]):
+            assert raw.encode() not in data, f"a key's secret is in {path.name}"
+
+
+def test_admin_key_api_refuses_clients_and_audits_changes(
+        make_gateway: Any, tmp_path: Path, standin_server: Service) -> None:
+    [gateway] = replicas(make_gateway, tmp_path, standin_server.url, count=1)
+    assert httpx.get(gateway.url + "/admin/keys").status_code == 401
+    client_key = create_key(gateway)["key"]
+    for method, path in [("GET", "/admin/keys"), ("POST", "/admin/keys"), ("GET", "/admin/teams"),
+                         ("PUT", "/admin/budgets"), ("GET", "/admin/budgets")]:
+        response = httpx.request(method, gateway.url + path, headers={"authorization": f"Bearer {client_key}"},
+                                 json={})
+        assert response.status_code == 403, (method, path, response.text)
+
+    team = httpx.post(gateway.url + "/admin/teams", headers={**ADMIN, "x-frugal-actor": "ops@example"},
+                      json={"name": "research", "budgets": [{"period": "month", "limit_usd": 5}]})
+    assert team.status_code == 201 and team.json()["budgets"][0]["limit_usd"] == 5
+    member = create_key(gateway, team_id=team.json()["id"])
+    bad = httpx.post(gateway.url + "/admin/keys", headers=ADMIN, json={"name": "x", "team_id": "team_nope"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "team_id"
+    bad = httpx.post(gateway.url + "/admin/keys", headers=ADMIN, json={"name": "x", "models": ["gpt-5"]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "models"
+    bad = httpx.put(gateway.url + "/admin/budgets", headers=ADMIN,
+                    json={"owner_type": "key", "owner_id": member["id"], "period": "week", "limit_usd": 1})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "period"
+    changed = httpx.put(gateway.url + "/admin/budgets", headers=ADMIN,
+                        json={"owner_type": "team", "owner_id": team.json()["id"], "period": "month", "limit_usd": 7})
+    assert changed.status_code == 200 and changed.json()["limit_usd"] == 7
+    # a config-file key can have a budget too
+    config_budget = httpx.put(gateway.url + "/admin/budgets", headers=ADMIN,
+                              json={"owner_type": "key", "owner_id": "test-key", "period": "day", "limit_usd": 0})
+    assert config_budget.status_code == 200
+    refused = gateway.post("/v1/chat/completions", {"model": "alpha", "messages": QUESTION, "max_tokens": 5})
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "budget_exceeded"
+    assert "daily budget of key 'test-key'" in refused.json()["error"]["message"]
+    assert int(refused.headers["retry-after"]) <= 86400
+
+    pages, after = [], None
+    while True:
+        page = httpx.get(gateway.url + "/admin/keys", headers=ADMIN,
+                         params={"limit": 1, **({"after": after} if after else {})}).json()
+        pages += [k["id"] for k in page["data"]]
+        if not page["has_more"]:
+            break
+        after = page["next"]
+    assert sorted(pages) == sorted({member["id"], *(k["id"] for k in httpx.get(
+        gateway.url + "/admin/keys", headers=ADMIN).json()["data"])}) and len(pages) == len(set(pages)) == 2
+
+    from gateway.tenants.tables import admin_audit_table  # noqa: PLC0415
+
+    with gateway.engine.connect() as connection:
+        entries = [dict(r._mapping) for r in connection.execute(select(admin_audit_table)
+                                                                .order_by(admin_audit_table.c.id))]
+    actions = [(e["action"], e["actor"]) for e in entries]
+    assert ("team.create", "admin (ops@example)") in actions
+    assert [a for a, _ in actions].count("key.create") == 2
+    budget_change = [e for e in entries if e["action"] == "budget.set" and e["before"] is not None]
+    assert budget_change[0]["before"]["limit_usd"] == 5 and budget_change[0]["after"]["limit_usd"] == 7
+    assert all("key" not in (e["after"] or {}) for e in entries)  # no secret in the audit log
