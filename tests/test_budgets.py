@@ -255,3 +255,29 @@ def test_admin_key_api_refuses_clients_and_audits_changes(
     budget_change = [e for e in entries if e["action"] == "budget.set" and e["before"] is not None]
     assert budget_change[0]["before"]["limit_usd"] == 5 and budget_change[0]["after"]["limit_usd"] == 7
     assert all("key" not in (e["after"] or {}) for e in entries)  # no secret in the audit log
+
+
+def test_team_budgets_and_key_rate_limits_apply_to_virtual_keys(
+        make_gateway: Any, tmp_path: Path, standin_server: Service, redis_url: str) -> None:
+    a, b = replicas(make_gateway, tmp_path, standin_server.url, redis=redis_url)
+    team = httpx.post(a.url + "/admin/teams", headers=ADMIN, json={"name": "small"}).json()
+    limited = create_key(a, team_id=team["id"], requests_per_minute=2)
+    assert chat(a, limited["key"]).status_code == 200
+    assert chat(b, limited["key"]).status_code == 200
+    third = chat(a, limited["key"])  # the minute's two requests were spent across both replicas
+    assert third.status_code == 429 and third.json()["error"]["code"] == "rate_limit_exceeded"
+
+    member = create_key(a, team_id=team["id"])
+    spent = chat(b, member["key"])
+    assert spent.status_code == 200
+    cost = float(spent.headers["x-frugal-cost-usd"])
+    # the team's monthly budget now holds less than what a member's request may cost
+    httpx.put(a.url + "/admin/budgets", headers=ADMIN, json={
+        "owner_type": "team", "owner_id": team["id"], "period": "month", "limit_usd": 0.0001}).raise_for_status()
+    refused = wait_until(lambda: (r := chat(b, member["key"])).status_code == 429 and r, 2.0, "the team budget")
+    error = refused.json()["error"]
+    assert error["code"] == "budget_exceeded" and f"monthly budget of team '{team['id']}'" in error["message"]
+    assert "resets at" in error["message"] and int(refused.headers["retry-after"]) > 0
+    # a request charged to the team before its budget existed is not in it; those after are
+    [budget] = httpx.get(f"{a.url}/admin/teams/{team['id']}", headers=ADMIN).json()["budgets"]
+    assert budget["spent_usd"] == 0 and cost > 0
