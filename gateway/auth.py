@@ -11,9 +11,9 @@ from datetime import UTC, datetime
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
-from gateway.errors import unauthorized
+from gateway.errors import APIError, unauthorized
 from gateway.settings import AuthConfig
-from gateway.tenants.keys import VirtualKey, VirtualKeys
+from gateway.tenants.keys import KeysUnavailable, VirtualKey, VirtualKeys
 
 log = logging.getLogger("frugal.auth")
 
@@ -77,7 +77,12 @@ class KeyStore:
             return client
         if self.virtual is not None:
             hit = self.virtual.cached(digest)
-            key = hit[0] if hit is not None else await run_in_threadpool(self.virtual.lookup, digest)
+            try:
+                key = hit[0] if hit is not None else await run_in_threadpool(self.virtual.lookup, digest)
+            except KeysUnavailable as exc:
+                raise APIError(503, "API keys cannot be checked right now (the key store is unreachable); try "
+                               "again shortly.", type="server_error", code="keys_unavailable",
+                               retry_after_s=1) from exc
             if key is not None:
                 return self._virtual_client(key)
         if not self.required:

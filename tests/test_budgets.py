@@ -281,3 +281,28 @@ def test_team_budgets_and_key_rate_limits_apply_to_virtual_keys(
     # a request charged to the team before its budget existed is not in it; those after are
     [budget] = httpx.get(f"{a.url}/admin/teams/{team['id']}", headers=ADMIN).json()["budgets"]
     assert budget["spent_usd"] == 0 and cost > 0
+
+
+def test_keys_and_budgets_fall_back_on_what_was_read_while_the_database_is_down(tmp_path: Path) -> None:
+    from sqlalchemy import create_engine  # noqa: PLC0415
+
+    from gateway.ledger import metadata  # noqa: PLC0415
+    from gateway.tenants.budgets import BudgetBook, BudgetsUnknown  # noqa: PLC0415
+    from gateway.tenants.keys import KeysUnavailable, VirtualKeys, digest_of  # noqa: PLC0415
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'keys.db'}")
+    metadata.create_all(engine)
+    keys, book = VirtualKeys(engine, cache_s=0), BudgetBook(engine, cache_s=0)
+    _, secret = keys.create(name="k")
+    [row] = keys.page(10)
+    book.set("key", row["id"], "day", 2.0)
+    assert keys.lookup(digest_of(secret)) is not None and [b.limit_usd for b in book.of("key", row["id"])] == [2.0]
+    down = create_engine("postgresql+psycopg://postgres@127.0.0.1:1/nothing", connect_args={"connect_timeout": 2})
+    keys.engine = book.engine = down
+    key = keys.lookup(digest_of(secret))  # stale, but known: the request goes on
+    assert key is not None and key.id == row["id"]
+    assert [b.limit_usd for b in book.of("key", row["id"])] == [2.0]
+    with pytest.raises(KeysUnavailable):
+        keys.lookup(digest_of("sk-frugal-never-seen"))
+    with pytest.raises(BudgetsUnknown):
+        book.of("team", "never-read")

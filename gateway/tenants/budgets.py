@@ -7,16 +7,16 @@ state Redis, else in SQL. Amounts are integers in nano-USD, so counters add up e
 
 from __future__ import annotations
 
-import threading
-import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from sqlalchemy import Engine, delete, insert, select, update
+from sqlalchemy.exc import SQLAlchemyError
 
 from gateway.tenants.tables import budgets_table
+from gateway.tenants.ttl_cache import TtlCache
 
 Period = Literal["day", "month", "total"]
 PERIODS: tuple[Period, ...] = ("day", "month", "total")
@@ -96,41 +96,44 @@ def _budget(row: Any) -> Budget:
     return Budget(row.id, row.owner_type, row.owner_id, row.period, float(row.limit_usd))
 
 
+class BudgetsUnknown(Exception):
+    """An owner's budgets cannot be read (the database is unreachable) and were never read before."""
+
+
 class BudgetBook:
     """The budgets defined in SQL, read through a short cache (`cache_s`): a budget created, changed or
     removed on one replica applies on every replica within `cache_s`."""
 
     def __init__(self, engine: Engine, cache_s: float = 0.5) -> None:
         self.engine = engine
-        self.cache_s = cache_s
-        self._cache: dict[tuple[str, str], tuple[float, tuple[Budget, ...]]] = {}
-        self._lock = threading.Lock()
+        self._cache: TtlCache[tuple[str, str], tuple[Budget, ...]] = TtlCache(cache_s)
 
     def cached(self, owner_type: OwnerType, owner_id: str) -> tuple[Budget, ...] | None:
         """The budgets of one key or team if read less than `cache_s` ago, else None (read them with `of`)."""
-        hit = self._cache.get((owner_type, owner_id))
-        if hit is not None and time.monotonic() - hit[0] < self.cache_s:
-            return hit[1]
-        return None
+        hit = self._cache.fresh((owner_type, owner_id))
+        return hit[0] if hit is not None else None
 
     def of(self, owner_type: OwnerType, owner_id: str) -> tuple[Budget, ...]:
-        """The budgets of one key or team (cached)."""
+        """The budgets of one key or team (cached). While the database cannot be read, the budgets last read
+        (however old) still apply; an owner never read raises `BudgetsUnknown`."""
         hit = self.cached(owner_type, owner_id)
         if hit is not None:
             return hit
-        now = time.monotonic()
         query = select(budgets_table).where(budgets_table.c.owner_type == owner_type,
                                             budgets_table.c.owner_id == owner_id)
-        with self.engine.connect() as connection:
-            found = tuple(_budget(r) for r in connection.execute(query))
-        with self._lock:
-            if len(self._cache) > 100_000:  # bounded: a stream of distinct keys cannot grow it for ever
-                self._cache.clear()
-            self._cache[(owner_type, owner_id)] = (now, found)
+        try:
+            with self.engine.connect() as connection:
+                found = tuple(_budget(r) for r in connection.execute(query))
+        except SQLAlchemyError as exc:
+            stale = self._cache.stale((owner_type, owner_id))
+            if stale is None:
+                raise BudgetsUnknown(f"the budgets of {owner_type} {owner_id!r} cannot be read: {exc}") from exc
+            return stale[0]
+        self._cache.put((owner_type, owner_id), found)
         return found
 
     def forget(self, owner_type: OwnerType, owner_id: str) -> None:
-        self._cache.pop((owner_type, owner_id), None)
+        self._cache.forget((owner_type, owner_id))
 
     def get(self, budget_id: str) -> Budget | None:
         with self.engine.connect() as connection:

@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-import threading
-import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Engine, Select, Table, insert, select, update
+from sqlalchemy.exc import SQLAlchemyError
 
 from gateway.tenants.tables import keys_table, teams_table
+from gateway.tenants.ttl_cache import TtlCache
 
 SECRET_PREFIX = "sk-frugal-"
 #: Fields an operator may change on a key after it was created.
@@ -76,38 +76,41 @@ def key_view(row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+class KeysUnavailable(Exception):
+    """The keys cannot be read (the database is unreachable), and this key was never read before."""
+
+
 class VirtualKeys:
     def __init__(self, engine: Engine, cache_s: float = 0.5) -> None:
         self.engine = engine
-        self.cache_s = cache_s
-        self._cache: dict[str, tuple[float, VirtualKey | None]] = {}
-        self._lock = threading.Lock()
+        self._cache: TtlCache[str, VirtualKey | None] = TtlCache(cache_s)
 
     # -- the request path -----------------------------------------------------------------------------
     def cached(self, digest: str) -> tuple[VirtualKey | None] | None:
         """(the key or None) when the digest was looked up less than `cache_s` ago; None when it must be read."""
-        hit = self._cache.get(digest)
-        if hit is not None and time.monotonic() - hit[0] < self.cache_s:
-            return (hit[1],)
-        return None
+        return self._cache.fresh(digest)
 
     def lookup(self, digest: str) -> VirtualKey | None:
-        """The key with this digest (None when there is none), read at most every `cache_s`."""
+        """The key with this digest (None when there is none), read at most every `cache_s`. While the
+        database cannot be read, what was last read (however old) answers; a digest never read raises
+        `KeysUnavailable`."""
         hit = self.cached(digest)
         if hit is not None:
             return hit[0]
-        now = time.monotonic()
-        with self.engine.connect() as connection:
-            row = connection.execute(select(keys_table).where(keys_table.c.key_hash == digest)).first()
+        try:
+            with self.engine.connect() as connection:
+                row = connection.execute(select(keys_table).where(keys_table.c.key_hash == digest)).first()
+        except SQLAlchemyError as exc:
+            stale = self._cache.stale(digest)
+            if stale is None:
+                raise KeysUnavailable(str(exc)) from exc
+            return stale[0]
         key = None
         if row is not None:
             key = VirtualKey(row.id, row.team_id, frozenset(row.models) if row.models is not None else None,
                              row.requests_per_minute, row.tokens_per_minute, _aware(row.expires_at),
                              row.revoked_at is not None)
-        with self._lock:
-            if len(self._cache) > 100_000:  # bounded: a flood of wrong keys cannot grow it for ever
-                self._cache.clear()
-            self._cache[digest] = (now, key)
+        self._cache.put(digest, key)
         return key
 
     # -- the admin API --------------------------------------------------------------------------------

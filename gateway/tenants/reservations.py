@@ -20,12 +20,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 
 from gateway.errors import APIError
 from gateway.settings import ModelConfig
 from gateway.shared_state import REDIS_FAILURES, StateErrors
-from gateway.tenants.budgets import Budget, BudgetBook, Usage, period_label, resets_at, to_nanos, to_usd
+from gateway.tenants.budgets import Budget, BudgetBook, BudgetsUnknown, Usage, period_label, resets_at, to_nanos, to_usd
 from gateway.tenants.counters import BudgetCounters, Charge, Exceeded
 from workers.backend import GenerationRequest
 from workers.tokens import count_tokens, prompt_tokens_of
@@ -50,6 +51,11 @@ class _Pending:
     reservation: Reservation
     actual_nanos: int
     attempts: int = field(default=0)
+
+
+def _unavailable() -> APIError:
+    return APIError(503, "Budgets cannot be checked right now (their store is unreachable); try again shortly.",
+                    type="server_error", code="budget_unavailable", retry_after_s=1)
 
 
 def budget_exceeded(exceeded: Exceeded, now: datetime) -> APIError:
@@ -85,7 +91,10 @@ class BudgetGate:
         found: list[Budget] = []
         for owner_type, owner_id in owners:
             cached = self.book.cached(owner_type, owner_id)
-            found += cached if cached is not None else await run_in_threadpool(self.book.of, owner_type, owner_id)
+            try:
+                found += cached if cached is not None else await run_in_threadpool(self.book.of, owner_type, owner_id)
+            except BudgetsUnknown as exc:  # fail closed: a budget that cannot be read cannot be enforced
+                raise _unavailable() from exc
         return found
 
     def max_cost_nanos(self, models: Sequence[str], request: GenerationRequest, prompts: Sequence[str]) -> int:
@@ -122,11 +131,10 @@ class BudgetGate:
         amount = self.max_cost_nanos(models, request, prompts)
         try:
             exceeded = await self.counters.reserve(request_id, charges, amount, self.lease_s)
-        except REDIS_FAILURES as exc:
+        except (*REDIS_FAILURES, SQLAlchemyError) as exc:
             if self.errors is not None:
                 self.errors.report("budgets", "closed", exc)
-            raise APIError(503, "Budgets cannot be checked right now (their store is unreachable); try again "
-                           "shortly.", type="server_error", code="budget_unavailable", retry_after_s=1) from exc
+            raise _unavailable() from exc
         if exceeded is not None:
             raise budget_exceeded(exceeded, now)
         reservation = Reservation(request_id, charges, amount)
