@@ -58,7 +58,7 @@ def _unavailable() -> APIError:
                     type="server_error", code="budget_unavailable", retry_after_s=1)
 
 
-def budget_exceeded(exceeded: Exceeded, now: datetime) -> APIError:
+def budget_exceeded(exceeded: Exceeded, amount_nanos: int, now: datetime) -> APIError:
     """429 naming the budget and when it resets (Retry-After until then; none for a total budget)."""
     budget = exceeded.charge.budget
     reset = resets_at(budget.period, now)
@@ -66,7 +66,8 @@ def budget_exceeded(exceeded: Exceeded, now: datetime) -> APIError:
     spent = to_usd(exceeded.spent_nanos)
     reserved = to_usd(exceeded.reserved_nanos)
     message = (f"Budget exceeded: {budget.describe()} has ${spent:.6f} spent and ${reserved:.6f} reserved by "
-               f"requests in flight, too little left for this request; {when}.")
+               f"requests in flight, too little left for this request, which may cost up to "
+               f"${to_usd(amount_nanos):.6f} (lower max_tokens to need less); {when}.")
     return APIError(429, message, type="insufficient_quota", code="budget_exceeded",
                     retry_after_s=(reset - now).total_seconds() if reset else None)
 
@@ -136,7 +137,7 @@ class BudgetGate:
                 self.errors.report("budgets", "closed", exc)
             raise _unavailable() from exc
         if exceeded is not None:
-            raise budget_exceeded(exceeded, now)
+            raise budget_exceeded(exceeded, amount, now)
         reservation = Reservation(request_id, charges, amount)
         self._held[request_id] = reservation
         return reservation
