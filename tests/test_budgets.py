@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,18 +14,16 @@ import pytest
 from sqlalchemy import func, select
 
 from gateway.ledger import requests_table
-from tests.harness import Gateway, Service, TempRedis, model_entry, wait_until
+from tests.harness import Gateway, Service, model_entry, wait_until
 
 ADMIN_KEY = "frugal-admin-test-secret"
 ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    server = TempRedis(tmp_path_factory.mktemp("redis"))
-    yield server.start()
-    server.stop()
+@pytest.fixture
+def redis_url(redis_server: str) -> str:
+    return redis_server
 
 
 def gateway_config(standin_url: str, ledger: Path, *, redis: str | None = None, lease_s: float = 30.0) -> dict:
@@ -306,3 +303,43 @@ def test_keys_and_budgets_fall_back_on_what_was_read_while_the_database_is_down(
         keys.lookup(digest_of("sk-frugal-never-seen"))
     with pytest.raises(BudgetsUnknown):
         book.of("team", "never-read")
+
+
+@pytest.mark.parametrize("store", ["postgresql", "sqlite", "redis"])
+def test_counters_of_two_replicas_grant_exactly_what_fits(store: str, request: pytest.FixtureRequest,
+                                                         tmp_path: Path) -> None:
+    """Two replicas' counters (own connections) race 100 reservations for a budget that fits 10; then settle."""
+    from sqlalchemy import create_engine  # noqa: PLC0415
+
+    from gateway.ledger import metadata  # noqa: PLC0415
+    from gateway.shared_state import state_client  # noqa: PLC0415
+    from gateway.tenants.budgets import Budget  # noqa: PLC0415
+    from gateway.tenants.counters import Charge, RedisCounters, SqlCounters  # noqa: PLC0415
+
+    budget = Budget(f"bud_{store}_{tmp_path.name[-8:]}", "key", "k", "total", 0.001)
+    amount = budget.limit_nanos // 10
+    charge = Charge(budget, "total")
+
+    async def race() -> None:
+        if store == "redis":
+            url = request.getfixturevalue("redis_server")
+            replicas = [RedisCounters(state_client(url, 5.0)) for _ in range(2)]
+        else:
+            url = request.getfixturevalue("postgres_db") if store == "postgresql" else f"sqlite:///{tmp_path / 'c.db'}"
+            engines = [create_engine(url, pool_size=20, max_overflow=20) for _ in range(2)]
+            metadata.create_all(engines[0])
+            replicas = [SqlCounters(engine) for engine in engines]
+        results = await asyncio.gather(*(replicas[i % 2].reserve(f"r{i}", [charge], amount, 30) for i in range(100)))
+        granted = [f"r{i}" for i, refused in enumerate(results) if refused is None]
+        assert len(granted) == 10
+        refusal = next(r for r in results if r is not None)
+        assert refusal.charge == charge and refusal.spent_nanos == 0 and refusal.reserved_nanos >= 9 * amount
+        [usage] = await replicas[0].usage([charge])
+        assert usage.reserved_nanos == 10 * amount and usage.spent_nanos == 0
+        await asyncio.gather(*(replicas[i % 2].settle(r, [charge], amount // 3) for i, r in enumerate(granted)))
+        [usage] = await replicas[1].usage([charge])
+        assert usage.reserved_nanos == 0 and usage.spent_nanos == 10 * (amount // 3)
+        for replica in replicas:
+            await replica.aclose()
+
+    asyncio.run(race())
