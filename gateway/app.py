@@ -14,6 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway.admin import AdminGuard, admin_routes
+from gateway.admin_analytics import analytics_routes
 from gateway.admin_keys import admin_key_routes
 from gateway.artifacts import ArtifactStore
 from gateway.audits import Auditor
@@ -31,6 +32,7 @@ from gateway.openapi import install_openapi
 from gateway.operations import operations_routes
 from gateway.ratelimit import Limiter, RateLimiter, RedisRateLimiter
 from gateway.recorder import Recorder
+from gateway.rollups import rollups_for
 from gateway.routes import build_router
 from gateway.settings import FrugalConfig
 from gateway.shared_state import StateErrors, state_client
@@ -55,7 +57,7 @@ def create_app(config: FrugalConfig, *, backends: dict[str, Backend] | None = No
     `registry` (default: local, direct HTTP, litellm) that claims it. Raises `ConfigError` when a route
     cannot be built (e.g. a cascade's scorer cannot be loaded)."""
     metrics = GatewayMetrics()
-    ledger = Ledger(config.ledger.url, config.ledger.spill_path)
+    ledger = Ledger(config.ledger.url, config.ledger.spill_path, rollups=rollups_for(config))
     kinds = registry or default_backends()
     if any(m.pool is not None for m in config.models) and "pooled" not in kinds:
         kinds.register(pooled_kind(config.redis), first=True)
@@ -176,6 +178,7 @@ def create_app(config: FrugalConfig, *, backends: dict[str, Backend] | None = No
     audit = AdminAudit(ledger.engine)
     app.state.admin_audit = audit
     app.include_router(admin_routes(guard, switch, ledger, estimates, config.limits.max_body_bytes))
+    app.include_router(analytics_routes(guard, ledger, switch, audit, config))
     names = [m.name for m in config.models] + [r.name for r in config.routes]
     app.include_router(admin_key_routes(guard, virtual_keys, Teams(ledger.engine), budget_book, budgets, audit, names,
                                         [k.id for k in config.auth.keys], config.limits.max_body_bytes))

@@ -16,13 +16,14 @@ import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from sqlalchemy import (
     JSON,
     Boolean,
     Column,
+    Connection,
     DateTime,
     Engine,
     Float,
@@ -132,6 +133,14 @@ def make_engine(url: str) -> Engine:
     return engine
 
 
+class BatchCounters(Protocol):
+    """Counters kept beside the rows (gateway/rollups.py): added to in the transaction that writes a batch."""
+
+    def ensure_schema(self, engine: Engine) -> None: ...
+
+    def write(self, connection: Connection, rows: Sequence[dict[str, Any]]) -> None: ...
+
+
 class _Flush:
     __slots__ = ("done",)
 
@@ -143,8 +152,10 @@ class Ledger:
     """Asynchronous, batched, loss-averse writer of ledger rows."""
 
     def __init__(self, url: str, spill_path: str | Path, *, batch_size: int = 500, linger_s: float = 0.05,
-                 retry_interval_s: float = 1.0) -> None:
+                 retry_interval_s: float = 1.0, rollups: BatchCounters | None = None) -> None:
         self.url = url
+        #: Counters written with each batch, in its transaction (gateway/rollups.py `Rollups`).
+        self.rollups = rollups
         self.engine = make_engine(url)
         self.spill_path = Path(spill_path)
         self.batch_size = batch_size
@@ -239,6 +250,8 @@ class Ledger:
             try:
                 metadata.create_all(self.engine)
                 add_missing_columns(self.engine)
+                if self.rollups is not None:
+                    self.rollups.ensure_schema(self.engine)
                 self._schema_ready = True
             except Exception as exc:
                 self.failures += 1
@@ -253,6 +266,8 @@ class Ledger:
         try:
             with self.engine.begin() as connection:
                 connection.execute(insert(requests_table), list(rows))
+                if self.rollups is not None:
+                    self.rollups.write(connection, rows)  # the same transaction: counted once, with the rows
         except Exception as exc:
             self.failures += 1
             log.error("ledger write of %d rows failed (will retry): %s", len(rows), exc)

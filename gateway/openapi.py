@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 
+from gateway.openapi_admin import ADMIN_MODELS, admin_paths
 from gateway.request_shapes import (
     AssistantMessage,
     ChatCompletionBody,
@@ -275,8 +276,9 @@ def _completion_operation(summary: str, request: str, response: str, chunk: str,
 
 def build_openapi(app: FastAPI) -> dict[str, Any]:
     """The whole document (the app's own title and version)."""
-    _, definitions = models_json_schema([(m, "validation" if m.__name__.endswith("Request") else "serialization")
-                                         for m in MODELS], ref_template="#/components/schemas/{model}")
+    modes = [(m, "validation" if m.__name__.endswith("Request") else "serialization") for m in MODELS]
+    _, definitions = models_json_schema([*modes, *((m, "validation") for m in ADMIN_MODELS)],
+                                        ref_template="#/components/schemas/{model}")
     schemas = definitions.get("$defs", {})
     paths: dict[str, Any] = {
         "/v1/chat/completions": {"post": _completion_operation(
@@ -307,13 +309,16 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
             "200": {"description": "The text exposition format",
                     "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
     }
+    paths.update(admin_paths())
     return {
         "openapi": "3.1.0",
         "info": {"title": app.title, "version": app.version,
                  "description": "Frugal: an OpenAI-compatible, cost-aware LLM gateway (docs/gateway.md)."},
         "paths": paths,
         "components": {"schemas": schemas,
-                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"},
+                                           "adminKey": {"type": "http", "scheme": "bearer",
+                                                        "description": "The admin key ($FRUGAL_ADMIN_KEY)"}}},
     }
 
 

@@ -76,7 +76,10 @@ def window_of(request: Request, default: timedelta = timedelta(days=1),
     """The `since`/`until` window of a request: bounded, `since` before `until`."""
     now = datetime.now(UTC)
     until = parse_time(request.query_params.get("until"), "until", now)
-    since = parse_time(request.query_params.get("since"), "since", until - default)
+    try:
+        since = parse_time(request.query_params.get("since"), "since", until - default)
+    except OverflowError as exc:  # until in year 1: no default window before it
+        raise bad_request("'until' is too early.", param="until", code="invalid_value") from exc
     if since >= until:
         raise bad_request("'since' must be before 'until'.", param="since", code="invalid_value")
     if until - since > max_window:
