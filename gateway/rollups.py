@@ -114,6 +114,8 @@ LEDGER_INDEXES = {
 }
 
 PriceLookup = Callable[[str], TokenPrice | None]
+#: Where requests naming no configured route or model are counted.
+OTHER_ROUTE = "(other)"
 
 
 def ensure_indexes(engine: Engine) -> None:
@@ -180,14 +182,17 @@ def route_top_prices(models: Iterable[tuple[str, TokenPrice]],
 class _Batch:
     """The counter increments of one batch of ledger rows, one entry per rollup key."""
 
-    def __init__(self, top_price: PriceLookup | None) -> None:
+    def __init__(self, top_price: PriceLookup | None, known: frozenset[str] | None = None) -> None:
         self.top_price = top_price
+        self.known = known
         self.routes: dict[tuple[int, str, str], dict[str, float]] = {}
         self.tiers: dict[tuple[int, str, int, str], dict[str, Any]] = {}
 
     def add(self, row: Mapping[str, Any]) -> None:
         hour = hour_of(row["created_at"])
         route = str(row.get("route") or "")[:256]
+        if self.known is not None and route and route not in self.known:
+            route = OTHER_ROUTE  # names clients made up (each a 404) must not grow the rollups without bound
         purpose = str(row.get("purpose") or "client")
         c = self.routes.setdefault((hour, route, purpose), {})
 
@@ -267,9 +272,12 @@ class Rollups:
     """Adds each batch of ledger rows to the rollup tables (`write`, inside the batch's transaction): a
     `gateway.ledger.BatchCounters` (`Ledger(..., rollups=Rollups(prices))`)."""
 
-    def __init__(self, top_price: PriceLookup | None = None) -> None:
+    def __init__(self, top_price: PriceLookup | None = None, known: Iterable[str] | None = None) -> None:
         #: The top model's price for a route or model name (None: unknown); see the module's docstring.
         self.top_price = top_price
+        #: The route and model names of the configuration; any other name is counted as `OTHER_ROUTE`
+        #: (None: every name as it is).
+        self.known = frozenset(known) if known is not None else None
 
     def ensure_schema(self, engine: Engine) -> None:
         """The rollup tables (on the ledger's metadata, created with it) and the ledger indexes analytics reads by."""
@@ -277,7 +285,7 @@ class Rollups:
         ensure_indexes(engine)
 
     def aggregate(self, rows: Iterable[Mapping[str, Any]]) -> _Batch:
-        batch = _Batch(self.top_price)
+        batch = _Batch(self.top_price, self.known)
         for row in rows:
             try:
                 batch.add(row)
@@ -298,7 +306,8 @@ class Rollups:
 def rollups_for(config: FrugalConfig) -> Rollups:
     """The rollups of a gateway's ledger: the top prices of its routes and models."""
     return Rollups(route_top_prices(((m.name, m.price) for m in config.models),
-                                    ((r.name, r.members) for r in config.routes)).get)
+                                    ((r.name, r.members) for r in config.routes)).get,
+                   [m.name for m in config.models] + [r.name for r in config.routes])
 
 
 def _full(values: Mapping[str, Any], counters: Sequence[str]) -> dict[str, Any]:

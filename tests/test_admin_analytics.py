@@ -460,3 +460,15 @@ def test_whatif_proposes_from_the_frontier_and_apply_changes_the_live_thresholds
     assert first["data"][0]["actor"] == "admin (ops-alice)" and first["has_more"]
     rest = _admin(gateway, "GET", f"/admin/audit?limit=2&after={first['next']}").json()
     assert [e["after"]["tiers"][0]["threshold"] for e in rest["data"]] == [0.999] and not rest["has_more"]
+
+
+def test_names_clients_make_up_share_one_rollup_row() -> None:
+    rollups = Rollups(None, known=["frugal/auto"])
+    now = datetime.now(UTC)
+    rows = [ledger_row(id=f"r{i}", created_at=now, endpoint="chat", route=name, models_tried=[], status=status,
+                       stream=False, prompt_tokens=0, completion_tokens=0, tokens_estimated=False, cost_usd=0.0,
+                       latency_ms=1.0, cache="none", client_disconnected=False)
+            for i, (name, status) in enumerate([("frugal/auto", 200), ("made-up-1", 404), ("made-up-2", 404)])]
+    batch = rollups.aggregate(rows)
+    assert sorted(route for _, route, _ in batch.routes) == ["(other)", "frugal/auto"]
+    assert batch.routes[(next(iter(batch.routes))[0], "(other)", "client")]["requests"] == 2
