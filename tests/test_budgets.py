@@ -229,6 +229,8 @@ def test_admin_key_api_refuses_clients_and_audits_changes(
     assert refused.status_code == 429 and refused.json()["error"]["code"] == "budget_exceeded"
     assert "daily budget of key 'test-key'" in refused.json()["error"]["message"]
     assert int(refused.headers["retry-after"]) <= 86400
+    [shown] = httpx.get(gateway.url + "/admin/budgets", headers=ADMIN, params={"owner_id": "test-key"}).json()["data"]
+    assert shown["exhausted"] is True and shown["last_refused_at"] and shown["spent_usd"] == 0
 
     pages, after = [], None
     while True:
@@ -339,6 +341,13 @@ def test_counters_of_two_replicas_grant_exactly_what_fits(store: str, request: p
         await asyncio.gather(*(replicas[i % 2].settle(r, [charge], amount // 3) for i, r in enumerate(granted)))
         [usage] = await replicas[1].usage([charge])
         assert usage.reserved_nanos == 0 and usage.spent_nanos == 10 * (amount // 3)
+        # a refusal leaves the budget refusing (exhausted for the dashboard) until a reservation fits again
+        assert await replicas[0].reserve("too-big", [charge], budget.limit_nanos, 30) is not None
+        [usage] = await replicas[1].usage([charge])
+        assert usage.refusing and usage.refused_at is not None
+        assert await replicas[1].reserve("small", [charge], 1, 30) is None
+        [usage] = await replicas[0].usage([charge])
+        assert not usage.refusing
         for replica in replicas:
             await replica.aclose()
 

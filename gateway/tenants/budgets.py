@@ -77,6 +77,10 @@ class Budget:
 class Usage:
     spent_nanos: int = 0
     reserved_nanos: int = 0
+    #: The budget's last word was a refusal: too little is left for the requests that come.
+    refusing: bool = False
+    #: When it last refused a reservation (Unix time; None: never).
+    refused_at: float | None = None
 
 
 def budget_view(budget: Budget, usage: Usage, now: datetime) -> dict[str, Any]:
@@ -89,7 +93,10 @@ def budget_view(budget: Budget, usage: Usage, now: datetime) -> dict[str, Any]:
             "remaining_usd": round(max(0.0, budget.limit_usd - spent), 9),
             "period_start": period_label(budget.period, now),
             "resets_at": reset.isoformat() if reset else None,
-            "exhausted": usage.spent_nanos >= budget.limit_nanos}
+            "last_refused_at": (datetime.fromtimestamp(usage.refused_at, UTC).isoformat()
+                                if usage.refused_at is not None else None),
+            # spent to the limit, or refusing: what is left is less than the last request needed
+            "exhausted": usage.spent_nanos >= budget.limit_nanos or usage.refusing}
 
 
 def _budget(row: Any) -> Budget:

@@ -89,6 +89,7 @@ for i = 0, n - 1 do
   local spent = tonumber(redis.call('HGET', h, 'spent') or '0')
   local reserved = tonumber(redis.call('HGET', h, 'reserved') or '0')
   if spent + reserved + amount > tonumber(ARGV[4 + i * 2]) then
+    redis.call('HSET', h, 'refused_at', tostring(now / 1000), 'refusing', '1')
     return {i + 1, tostring(spent), tostring(reserved)}
   end
 end
@@ -98,6 +99,7 @@ for i = 0, n - 1 do
   redis.call('ZADD', z, now + tonumber(ARGV[3]), ARGV[1])
   redis.call('HSET', a, ARGV[1], ARGV[2])
   redis.call('HINCRBY', h, 'reserved', ARGV[2])
+  redis.call('HSET', h, 'refusing', '0')
   keep(h, ttl) keep(z, ttl) keep(a, ttl)
 end
 return {0}
@@ -136,9 +138,15 @@ for i = 0, #KEYS / 3 - 1 do
   purge(h, z, a, now)
   out[#out + 1] = redis.call('HGET', h, 'spent') or '0'
   out[#out + 1] = redis.call('HGET', h, 'reserved') or '0'
+  out[#out + 1] = redis.call('HGET', h, 'refusing') or '0'
+  out[#out + 1] = redis.call('HGET', h, 'refused_at') or ''
 end
 return out
 """
+
+
+def _time(value: bytes | str) -> float | None:
+    return float(value) if value not in (b"", "") else None
 
 
 def _keys(charge: Charge) -> list[str]:
@@ -186,7 +194,8 @@ class RedisCounters:
         if not charges:
             return []
         values = await self._usage(keys=[k for c in charges for k in _keys(c)])
-        return [Usage(int(values[i]), int(values[i + 1])) for i in range(0, len(values), 2)]
+        return [Usage(int(values[i]), int(values[i + 1]), int(values[i + 2]) == 1, _time(values[i + 3]))
+                for i in range(0, len(values), 4)]
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -218,6 +227,7 @@ class SqlCounters:
         u, r = budget_usage_table.c, budget_reservations_table.c
         connection.execute(self._insert(budget_usage_table).values(
             budget_id=charge.budget.id, period_start=charge.period_start, spent_nanos=0, reserved_nanos=0,
+            refusing=False,
         ).on_conflict_do_nothing(index_elements=["budget_id", "period_start"]))
         gone = connection.execute(delete(budget_reservations_table).where(
             r.budget_id == charge.budget.id, r.period_start == charge.period_start, r.expires_at < now,
@@ -237,7 +247,7 @@ class SqlCounters:
                     where = and_(u.budget_id == charge.budget.id, u.period_start == charge.period_start)
                     taken = connection.execute(update(budget_usage_table).where(
                         where, u.spent_nanos + u.reserved_nanos + amount <= charge.budget.limit_nanos,
-                    ).values(reserved_nanos=u.reserved_nanos + amount))
+                    ).values(reserved_nanos=u.reserved_nanos + amount, refusing=False))
                     if taken.rowcount != 1:
                         row = connection.execute(select(u.spent_nanos, u.reserved_nanos).where(where)).one()
                         raise _Refused(Exceeded(charge, int(row.spent_nanos), int(row.reserved_nanos)))
@@ -245,6 +255,12 @@ class SqlCounters:
                         request_id=request_id, budget_id=charge.budget.id, period_start=charge.period_start,
                         amount_nanos=amount, expires_at=now + lease_s))
         except _Refused as refused:  # the transaction was rolled back: nothing reserved anywhere
+            charge = refused.exceeded.charge
+            with self._lock, self.engine.begin() as connection:
+                self._open(connection, charge, now)
+                connection.execute(update(budget_usage_table).where(
+                    u.budget_id == charge.budget.id, u.period_start == charge.period_start,
+                ).values(refusing=True, refused_at=now))
             return refused.exceeded
         return None
 
@@ -275,12 +291,13 @@ class SqlCounters:
         out = []
         with self.engine.connect() as connection:
             for charge in charges:
-                spent = connection.execute(select(u.spent_nanos).where(
-                    u.budget_id == charge.budget.id, u.period_start == charge.period_start)).scalar()
+                row = connection.execute(select(u.spent_nanos, u.refusing, u.refused_at).where(
+                    u.budget_id == charge.budget.id, u.period_start == charge.period_start)).first()
                 reserved = connection.execute(select(func.coalesce(func.sum(r.amount_nanos), 0)).where(
                     r.budget_id == charge.budget.id, r.period_start == charge.period_start,
                     r.expires_at >= now)).scalar()
-                out.append(Usage(int(spent or 0), int(reserved or 0)))
+                out.append(Usage(int(row.spent_nanos), int(reserved or 0), bool(row.refusing), row.refused_at)
+                           if row is not None else Usage())
         return out
 
     async def reserve(self, request_id: str, charges: Sequence[Charge], amount_nanos: int,

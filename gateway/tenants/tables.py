@@ -63,6 +63,10 @@ budget_usage_table = Table(
     Column("period_start", String(16), primary_key=True),
     Column("spent_nanos", BigInteger, nullable=False),
     Column("reserved_nanos", BigInteger, nullable=False),
+    #: Whether the budget's last word was a refusal (what is left is less than a request needed, though not
+    #: spent to the limit), and when it last refused (Unix time).
+    Column("refusing", Boolean, nullable=False, server_default="0"),
+    Column("refused_at", Float),
 )
 
 #: Open reservations (SQL budgets): released when settled or once `expires_at` has passed.
