@@ -13,6 +13,14 @@ with the stand-in to the other core. Checks afterwards that the ledger holds a r
 With `--baseline` (a checkout of an earlier commit, e.g. `git worktree add /tmp/before <commit>`), a second
 gateway runs that code with this environment's packages, and every gateway target is measured for both,
 back to back, alternating which goes first.
+
+With `--dashboard browser` (or `poller`), the gateway target is measured with the dashboard closed and open,
+interleaved round by round (alternating which goes first): open is a headless Chromium page on `/admin`
+(signed in, Overview view, refreshing itself every `--dashboard-refresh` seconds; pinned with the stand-in and
+wrk to the other core), or, with `poller`, a thread of this process sending exactly the requests that view
+sends, at the same rate (`GET /admin/analytics/overview?since&until&granularity=hour`).
+
+    .venv/bin/python bench/gateway_overhead.py --dashboard browser --dashboard-refresh 2 --rounds 3 --record
 """
 
 from __future__ import annotations
@@ -26,7 +34,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -41,6 +52,10 @@ from tests.harness import TINY_ROWS, free_port, write_dataset  # noqa: E402
 
 BIN = Path(sys.executable).parent
 KEY = "sk-bench"
+ADMIN_KEY = "sk-bench-admin"
+CHROMIUM = Path(os.environ.get("FRUGAL_CHROMIUM", "/usr/bin/chromium"))
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 BODY = {"model": "M", "messages": [{"role": "user", "content": "What is the capital of France?"}]}
 
 LUA = """
@@ -101,14 +116,76 @@ def summary(samples: list[float]) -> dict[str, float]:
             "mean_ms": statistics.fmean(samples) * 1000}
 
 
+class Dashboard:
+    """The dashboard open on a gateway while a measurement runs: `browser` (headless Chromium on /admin, its
+    Overview refreshing every `refresh_s`) or `poller` (the same requests from a thread, at the same rate).
+    `requests` counts the admin API calls it made while open."""
+
+    def __init__(self, mode: str, url: str, refresh_s: float) -> None:
+        self.mode, self.url, self.refresh_s = mode, url, refresh_s
+        self.requests = 0
+        self._stop = threading.Event()
+        self._closers: list[Callable[[], None]] = []
+
+    def __enter__(self) -> Dashboard:
+        if self.mode == "poller":
+            thread = threading.Thread(target=self._poll, daemon=True)
+            thread.start()
+            self._closers.append(lambda: (self._stop.set(), thread.join(10)))
+        else:
+            self._open_browser()
+        return self
+
+    def _poll(self) -> None:
+        headers = {"authorization": f"Bearer {ADMIN_KEY}"}
+        with httpx.Client(base_url=self.url, headers=headers, timeout=30) as client:
+            client.get("/admin/routes").raise_for_status()  # what the page asks at sign-in
+            self.requests += 1
+            while not self._stop.is_set():
+                until = datetime.now(UTC)
+                query = {"since": (until - timedelta(hours=24)).isoformat(), "until": until.isoformat(),
+                         "granularity": "hour"}
+                client.get("/admin/analytics/overview", params=query).raise_for_status()
+                self.requests += 1
+                self._stop.wait(self.refresh_s)
+
+    def _open_browser(self) -> None:
+        from playwright.sync_api import sync_playwright  # noqa: PLC0415 - only for --dashboard browser
+
+        if not CHROMIUM.is_file():
+            raise SystemExit(f"no browser at {CHROMIUM} (apt-get install chromium), or use --dashboard poller")
+        playwright = sync_playwright().start()
+        # Chromium inherits this process's core (the stand-in's and wrk's): the gateway keeps its own to itself.
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1440, "height": 900})
+        page.goto(f"{self.url}/admin?refresh={self.refresh_s:g}")
+        page.fill("#login-key", ADMIN_KEY)
+        page.click("#login-form button[type=submit]")
+        page.wait_for_selector("[data-kpi=requests]")
+        self._page = page
+        self._closers.append(lambda: (page.evaluate("1"), browser.close(), playwright.stop()))
+
+    def count(self) -> int:
+        """The admin API requests made so far (the page's own count: its resource timings)."""
+        if self.mode == "poller":
+            return self.requests
+        return self._page.evaluate("performance.getEntriesByType('resource')"
+                                   ".filter(e => e.name.includes('/admin/') && !e.name.includes('/static/')).length")
+
+    def __exit__(self, *_: object) -> None:
+        for close in reversed(self._closers):
+            close()
+
+
 LAUNCH = "import sys; from gateway.cli import main; sys.argv[0] = 'frugal'; main()"
 
 
-def start_gateway(tree: Path, config: Path, port: int, log_level: str, log: Path) -> subprocess.Popen[bytes]:
+def start_gateway(tree: Path, config: Path, port: int, log_level: str, log: Path,
+                  env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     """A gateway run from the code in `tree` (this environment's packages), pinned to CPU 0."""
     command = pinned([sys.executable, "-c", LAUNCH, "serve", "--config", str(config), "--port", str(port),
                       "--log-level", log_level], 0)
-    return start(command, f"http://127.0.0.1:{port}/readyz", log, {"PYTHONPATH": str(tree)})
+    return start(command, f"http://127.0.0.1:{port}/readyz", log, {"PYTHONPATH": str(tree), **(env or {})})
 
 
 def main() -> None:
@@ -119,9 +196,15 @@ def main() -> None:
     parser.add_argument("--log-level", default="info", help="the gateway's (info, its default, logs every request)")
     parser.add_argument("--baseline", type=Path, help="an earlier checkout, measured side by side (interleaved)")
     parser.add_argument("--rounds", type=int, default=1, help="repeat every target; medians are reported")
+    parser.add_argument("--dashboard", choices=("off", "browser", "poller"), default="off",
+                        help="measure the gateway with the dashboard closed and open, interleaved")
+    parser.add_argument("--dashboard-refresh", type=float, default=2.0,
+                        help="seconds between the open dashboard's refreshes (the page's own default is 10)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--record", action="store_true", help="append the table to docs/BENCHMARKS.md")
     args = parser.parse_args()
+    if args.dashboard != "off" and args.baseline:
+        parser.error("--dashboard and --baseline are measured one at a time")
     has_wrk = shutil.which("wrk") is not None
     if not has_wrk:
         print("wrk not found (apt-get install wrk): throughput is skipped", file=sys.stderr)
@@ -155,7 +238,7 @@ def main() -> None:
             }
             (tmp / f"gateway-{port}.yaml").write_text(yaml.safe_dump(config))
             process = start_gateway(tree, tmp / f"gateway-{port}.yaml", port, args.log_level,
-                                    tmp / f"gateway-{port}.log")
+                                    tmp / f"gateway-{port}.log", {"FRUGAL_ADMIN_KEY": ADMIN_KEY})
             gateways[label] = (process, port, ledger)
         auth = {"authorization": f"Bearer {KEY}"}
         # Without a temperature the requests are sampled, so the response cache lets them through
@@ -176,7 +259,27 @@ def main() -> None:
             return values
 
         labels = list(trees)
-        for round_ in range(args.rounds):
+        dashboard_requests: dict[str, int] = {}
+        if args.dashboard != "off":
+            # Dashboard closed vs open, interleaved; the target every dashboard view polls alongside: plain traffic.
+            target, body = targets[0]
+            port = gateways["this tree"][1]
+            url = f"http://127.0.0.1:{port}"
+            for round_ in range(args.rounds):
+                measure("stand-in direct (baseline)", f"{standin_url}/v1/chat/completions", dict(BODY, model="alpha"))
+                for state in ("closed", "open") if round_ % 2 == 0 else ("open", "closed"):
+                    name = f"{target} [dashboard {state}]"
+                    if state == "closed":
+                        values = measure(name, url + "/v1/chat/completions", body)
+                    else:
+                        with Dashboard(args.dashboard, url, args.dashboard_refresh) as dashboard:
+                            time.sleep(args.dashboard_refresh)  # a refresh or two before the measurement
+                            before = dashboard.count()
+                            values = measure(name, url + "/v1/chat/completions", body)
+                            dashboard_requests[f"round {round_ + 1}"] = dashboard.count() - before
+                    sent["this tree"] += args.requests + max(50, args.requests // 10) + int(
+                        values.get("wrk_requests", 0))
+        for round_ in range(args.rounds if args.dashboard == "off" else 0):
             direct = f"{standin_url}/v1/chat/completions"
             measure("stand-in direct (baseline)", direct, dict(BODY, model="alpha"))
             measure("stand-in direct, streamed (baseline)", direct, dict(BODY, model="alpha", stream=True))
@@ -200,7 +303,8 @@ def main() -> None:
     results = {name: {key: statistics.median(s[key] for s in runs) for key in runs[0]}
                for name, runs in samples.items()}
     for name, values in results.items():
-        base = results["stand-in direct, streamed (baseline)" if "streamed" in name else "stand-in direct (baseline)"]
+        base = results["stand-in direct, streamed (baseline)" if "streamed" in name and "stand-in direct, streamed "
+                       "(baseline)" in results else "stand-in direct (baseline)"]
         values["added_p50_ms"] = values["p50_ms"] - base["p50_ms"]
         values["added_mean_ms"] = values["mean_ms"] - base["mean_ms"]
     ledger_check = {label: {"requests_answered": sent[label], "ledger_rows": rows[label]} for label in trees}
@@ -216,7 +320,14 @@ def main() -> None:
     note = "Ledger check: " + "; ".join(
         f"{label}: {rows[label]} rows for {sent[label]} answered requests "
         f"({'none lost' if rows[label] >= sent[label] else 'ROWS MISSING'})" for label in trees) + "."
-    if args.rounds > 1 or args.baseline:
+    if args.dashboard != "off":
+        how = ("a headless Chromium page on /admin (Overview view), pinned with the stand-in and wrk to CPU 1"
+               if args.dashboard == "browser" else
+               "an HTTP poller thread sending the Overview view's requests (GET /admin/analytics/overview)")
+        note += (f" Dashboard open = {how}, refreshing every {args.dashboard_refresh:g} s; admin API requests it "
+                 f"made while measured: " + ", ".join(f"{k}: {v}" for k, v in dashboard_requests.items()) +
+                 f". Closed and open interleaved over {args.rounds} rounds (alternating first); medians.")
+    elif args.rounds > 1 or args.baseline:
         note += (f" Medians of {args.rounds} rounds" + (f"; baseline = {args.baseline}, measured interleaved "
                                                          "with this tree (alternating first)" if args.baseline
                                                          else "") + ".")
@@ -225,7 +336,9 @@ def main() -> None:
         print(note)
     if args.record:
         command = "python bench/gateway_overhead.py " + " ".join(sys.argv[1:])
-        record("Gateway hot path", command.strip(), table, note)
+        title = "Gateway hot path" + (f": dashboard closed vs open ({args.dashboard})" if args.dashboard != "off"
+                                      else "")
+        record(title, command.strip(), table, note)
     shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -22,6 +22,7 @@ from gateway.auth import KeyStore
 from gateway.backends import BackendRegistry, default_backends, pooled_kind
 from gateway.cache.setup import build_response_cache
 from gateway.completions import CompletionsEndpoint
+from gateway.dashboard import dashboard_routes
 from gateway.errors import install_error_handlers
 from gateway.estimates import LiveEstimates
 from gateway.feedback import FeedbackEndpoint
@@ -178,6 +179,7 @@ def create_app(config: FrugalConfig, *, backends: dict[str, Backend] | None = No
     audit = AdminAudit(ledger.engine)
     app.state.admin_audit = audit
     app.include_router(admin_routes(guard, switch, ledger, estimates, config.limits.max_body_bytes))
+    app.include_router(dashboard_routes(guard))
     app.include_router(analytics_routes(guard, ledger, switch, audit, config))
     names = [m.name for m in config.models] + [r.name for r in config.routes]
     app.include_router(admin_key_routes(guard, virtual_keys, Teams(ledger.engine), budget_book, budgets, audit, names,

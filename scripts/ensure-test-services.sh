@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs, with apt, the servers (PostgreSQL, Redis) the test suite runs against when this machine lacks them.
+# Installs, with apt, the servers (PostgreSQL, Redis) the test suite runs against, and the browser (Chromium) its
+# dashboard tests drive, when this machine lacks them.
 # The tests start (and stop) their own instances; this script only makes the binaries available.
 set -euo pipefail
 
@@ -12,6 +13,10 @@ if [ -n "${FRUGAL_TEST_POSTGRES_URL:-}" ] || pg_reachable || have_pg_binaries; t
 
 # Redis: the tests always start their own redis-server on a free port (never touching another one).
 command -v redis-server >/dev/null || need+=(redis-server)
+
+# Chromium: the dashboard's browser tests (tests/test_dashboard.py) drive the system chromium through Playwright
+# (Playwright's own browser downloads are never used).
+command -v chromium >/dev/null || [ -x /usr/bin/chromium ] || need+=(chromium)
 
 if [ ${#need[@]} -eq 0 ]; then
   echo "test services: nothing to install"
