@@ -95,9 +95,9 @@ def latency(url: str, body: dict, requests: int, headers: dict[str, str]) -> lis
     return samples
 
 
-def throughput(url: str, body: dict, duration: int, connections: int, tmp: Path) -> dict[str, float]:
+def throughput(url: str, body: dict, duration: int, connections: int, tmp: Path, key: str = KEY) -> dict[str, float]:
     script = tmp / "load.lua"
-    script.write_text(LUA % (KEY, json.dumps(body)))
+    script.write_text(LUA % (key, json.dumps(body)))
     command = pinned(["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "-s", str(script), url], 1)
     output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))

@@ -223,7 +223,8 @@ class SqlCounters:
             threading.Lock() if engine.dialect.name == "sqlite" else contextlib.nullcontext())
 
     def _open(self, connection, charge: Charge, now: float) -> None:  # type: ignore[no-untyped-def]
-        """Make sure the period's counter row exists, and release the reservations whose lease ended."""
+        """Make sure the period's counter row exists, and release the reservations whose lease ended (done
+        only when a reservation does not fit: expired leases matter only then, and reads skip them)."""
         u, r = budget_usage_table.c, budget_reservations_table.c
         connection.execute(self._insert(budget_usage_table).values(
             budget_id=charge.budget.id, period_start=charge.period_start, spent_nanos=0, reserved_nanos=0,
@@ -243,11 +244,16 @@ class SqlCounters:
         try:
             with self._lock, self.engine.begin() as connection:
                 for charge in charges:
-                    self._open(connection, charge, now)
                     where = and_(u.budget_id == charge.budget.id, u.period_start == charge.period_start)
-                    taken = connection.execute(update(budget_usage_table).where(
+                    take = update(budget_usage_table).where(
                         where, u.spent_nanos + u.reserved_nanos + amount <= charge.budget.limit_nanos,
-                    ).values(reserved_nanos=u.reserved_nanos + amount, refusing=False))
+                    ).values(reserved_nanos=u.reserved_nanos + amount, refusing=False)
+                    taken = connection.execute(take)
+                    if taken.rowcount != 1:
+                        # no counter for this period yet, or too little left: with expired leases released
+                        # (they only matter now), try once more
+                        self._open(connection, charge, now)
+                        taken = connection.execute(take)
                     if taken.rowcount != 1:
                         row = connection.execute(select(u.spent_nanos, u.reserved_nanos).where(where)).one()
                         raise _Refused(Exceeded(charge, int(row.spent_nanos), int(row.reserved_nanos)))
@@ -269,13 +275,15 @@ class SqlCounters:
         now = time.time()
         with self._lock, self.engine.begin() as connection:
             for charge in charges:
-                self._open(connection, charge, now)
                 held = connection.execute(delete(budget_reservations_table).where(
                     r.request_id == request_id, r.budget_id == charge.budget.id,
                 ).returning(r.amount_nanos)).scalars().all()
-                connection.execute(update(budget_usage_table).where(
+                charged = update(budget_usage_table).where(
                     u.budget_id == charge.budget.id, u.period_start == charge.period_start,
-                ).values(reserved_nanos=u.reserved_nanos - sum(held), spent_nanos=u.spent_nanos + actual))
+                ).values(reserved_nanos=u.reserved_nanos - sum(held), spent_nanos=u.spent_nanos + actual)
+                if connection.execute(charged).rowcount != 1:  # a period's counter made by no reservation
+                    self._open(connection, charge, now)
+                    connection.execute(charged)
 
     def _renew(self, leases: dict[str, Sequence[Charge]], lease_s: float) -> None:
         if not leases:
