@@ -144,7 +144,6 @@ def main() -> None:
     if args.record:
         record("Budgets on the request path: reserve and settle per request, SQL vs Redis counters",
                "python bench/budgets.py " + " ".join(sys.argv[1:]), table, notes)
-        print("recorded in docs/BENCHMARKS.md")
 
 
 if __name__ == "__main__":

@@ -2,9 +2,10 @@
 atomically across replicas — by Lua scripts in Redis, or by SQL transactions (docs/keys-and-budgets.md).
 
 Every request reserves its maximum cost on all of its budgets at once (all or none), and settles its actual
-cost when it ends: the reservation is released and the actual cost is added to `spent`. A reservation is a
-lease: the replica that holds it renews it while the request runs (`renew`), so a replica that dies leaves
-reservations that stop counting once their lease expires. Amounts are integers in nano-USD.
+cost when it ends: the reservation is released and the actual cost is added to `spent` (settlements are
+written in batches: whatever ended while the last batch was being written). A reservation is a lease: the
+replica that holds it renews it while the request runs (`renew`), so a replica that dies leaves reservations
+that stop counting once their lease expires. Amounts are integers in nano-USD.
 """
 
 from __future__ import annotations
@@ -34,6 +35,15 @@ class Charge:
 
 
 @dataclass(frozen=True, slots=True)
+class Settlement:
+    """A request that ended: its reservation to release and what it cost (charged to the same budgets)."""
+
+    request_id: str
+    charges: Sequence[Charge]
+    actual_nanos: int
+
+
+@dataclass(frozen=True, slots=True)
 class Exceeded:
     """The reservation was refused: this budget has too little left."""
 
@@ -46,7 +56,9 @@ class BudgetCounters(Protocol):
     async def reserve(self, request_id: str, charges: Sequence[Charge], amount_nanos: int,
                       lease_s: float) -> Exceeded | None: ...
 
-    async def settle(self, request_id: str, charges: Sequence[Charge], actual_nanos: int) -> None: ...
+    async def settle(self, settlements: Sequence[Settlement]) -> None:
+        """Write settlements (one round trip, one transaction, for all of them)."""
+        ...
 
     async def renew(self, leases: dict[str, Sequence[Charge]], lease_s: float) -> None: ...
 
@@ -176,10 +188,14 @@ class RedisCounters:
             return None
         return Exceeded(charges[index - 1], int(float(result[1])), int(float(result[2])))
 
-    async def settle(self, request_id: str, charges: Sequence[Charge], actual_nanos: int) -> None:
-        keys = [k for c in charges for k in _keys(c)]
-        await self._settle(keys=keys, args=[request_id, str(actual_nanos),
-                                            *(counter_ttl_s(c.budget.period) for c in charges)])
+    async def settle(self, settlements: Sequence[Settlement]) -> None:
+        async with self.client.pipeline(transaction=False) as pipe:
+            for item in settlements:
+                keys = [k for c in item.charges for k in _keys(c)]
+                await self._settle(keys=keys, args=[item.request_id, str(item.actual_nanos),
+                                                    *(counter_ttl_s(c.budget.period) for c in item.charges)],
+                                   client=pipe)
+            await pipe.execute()
 
     async def renew(self, leases: dict[str, Sequence[Charge]], lease_s: float) -> None:
         keys, ids = [], []
@@ -270,20 +286,22 @@ class SqlCounters:
             return refused.exceeded
         return None
 
-    def _settle(self, request_id: str, charges: Sequence[Charge], actual: int) -> None:
+    def _settle(self, settlements: Sequence[Settlement]) -> None:
         u, r = budget_usage_table.c, budget_reservations_table.c
         now = time.time()
         with self._lock, self.engine.begin() as connection:
-            for charge in charges:
-                held = connection.execute(delete(budget_reservations_table).where(
-                    r.request_id == request_id, r.budget_id == charge.budget.id,
-                ).returning(r.amount_nanos)).scalars().all()
-                charged = update(budget_usage_table).where(
-                    u.budget_id == charge.budget.id, u.period_start == charge.period_start,
-                ).values(reserved_nanos=u.reserved_nanos - sum(held), spent_nanos=u.spent_nanos + actual)
-                if connection.execute(charged).rowcount != 1:  # a period's counter made by no reservation
-                    self._open(connection, charge, now)
-                    connection.execute(charged)
+            for item in settlements:
+                for charge in item.charges:
+                    held = connection.execute(delete(budget_reservations_table).where(
+                        r.request_id == item.request_id, r.budget_id == charge.budget.id,
+                    ).returning(r.amount_nanos)).scalars().all()
+                    charged = update(budget_usage_table).where(
+                        u.budget_id == charge.budget.id, u.period_start == charge.period_start,
+                    ).values(reserved_nanos=u.reserved_nanos - sum(held),
+                             spent_nanos=u.spent_nanos + item.actual_nanos)
+                    if connection.execute(charged).rowcount != 1:  # a period's counter made by no reservation
+                        self._open(connection, charge, now)
+                        connection.execute(charged)
 
     def _renew(self, leases: dict[str, Sequence[Charge]], lease_s: float) -> None:
         if not leases:
@@ -312,8 +330,8 @@ class SqlCounters:
                       lease_s: float) -> Exceeded | None:
         return await run_in_threadpool(self._reserve, request_id, charges, amount_nanos, lease_s)
 
-    async def settle(self, request_id: str, charges: Sequence[Charge], actual_nanos: int) -> None:
-        await run_in_threadpool(self._settle, request_id, charges, actual_nanos)
+    async def settle(self, settlements: Sequence[Settlement]) -> None:
+        await run_in_threadpool(self._settle, settlements)
 
     async def renew(self, leases: dict[str, Sequence[Charge]], lease_s: float) -> None:
         await run_in_threadpool(self._renew, leases, lease_s)

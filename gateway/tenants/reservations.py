@@ -5,8 +5,9 @@ The maximum is what the request could cost if every model its route may call ans
 model, the prompt's tokens (counted, with a margin) at its input price plus the most output tokens it may
 write (`max_tokens`/`max_completion_tokens` × `n`, else what fits its context, else
 `budgets.default_max_tokens`) at its output price. A cascade may call every tier, so its tiers add up.
-Reservations are leases renewed every third of `lease_s` while their request runs; settlements that fail
-(the counters' store is down) are retried until they succeed, so spend is never dropped from a budget.
+Reservations are leases renewed every third of `lease_s` while their request runs. Settlements are written
+in batches by one task (the response never waits for them); those that fail (the counters' store is down)
+are retried until they succeed, so spend is never dropped from a budget.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import contextlib
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,7 +28,7 @@ from gateway.errors import APIError
 from gateway.settings import ModelConfig
 from gateway.shared_state import REDIS_FAILURES, StateErrors
 from gateway.tenants.budgets import Budget, BudgetBook, BudgetsUnknown, Usage, period_label, resets_at, to_nanos, to_usd
-from gateway.tenants.counters import BudgetCounters, Charge, Exceeded
+from gateway.tenants.counters import BudgetCounters, Charge, Exceeded, Settlement
 from workers.backend import GenerationRequest
 from workers.tokens import count_tokens, prompt_tokens_of
 
@@ -46,11 +47,6 @@ class Reservation:
     settled: bool = False
 
 
-@dataclass(slots=True)
-class _Pending:
-    reservation: Reservation
-    actual_nanos: int
-    attempts: int = field(default=0)
 
 
 def _unavailable() -> APIError:
@@ -81,9 +77,12 @@ class BudgetGate:
         self.lease_s = lease_s
         self.default_max_tokens = default_max_tokens
         self.errors = errors
-        #: Reservations held by requests running here (renewed), and settlements still to write.
+        #: Reservations held by requests running here (renewed); settlements waiting for the writer, and those
+        #: whose write failed (retried by the lease keeper).
         self._held: dict[str, Reservation] = {}
-        self._pending: list[_Pending] = []
+        self._settling: list[Settlement] = []
+        self._unwritten: list[Settlement] = []
+        self._writer: asyncio.Task[None] | None = None
         self._task: asyncio.Task[None] | None = None
 
     # -- which budgets a request is charged to ------------------------------------------------------
@@ -143,18 +142,32 @@ class BudgetGate:
         return reservation
 
     async def settle(self, reservation: Reservation | None, cost_usd: float) -> None:
-        """Release the reservation and charge what the request cost (once; never raises)."""
+        """Release the reservation and charge what the request cost (once; never raises, never waits on the
+        counters' store): settlements are written in batches by one task, so a request's response does not wait
+        for them, and a burst of requests that end together costs one round trip."""
         if reservation is None or reservation.settled:
             return
         reservation.settled = True
         self._held.pop(reservation.request_id, None)
-        actual = to_nanos(cost_usd)
-        try:
-            await self.counters.settle(reservation.request_id, reservation.charges, actual)
-        except Exception as exc:  # kept and retried: spend must reach the budget
-            if self.errors is not None:
-                self.errors.report("budgets", "closed", exc)
-            self._pending.append(_Pending(reservation, actual))
+        self._settling.append(Settlement(reservation.request_id, reservation.charges, to_nanos(cost_usd)))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.get_running_loop().create_task(self._write_settlements())
+
+    async def _write_settlements(self) -> None:
+        while self._settling:
+            batch, self._settling = self._settling, []
+            try:
+                await self.counters.settle(batch)
+            except Exception as exc:  # kept and retried by the lease keeper: spend must reach the budget
+                if self.errors is not None:
+                    self.errors.report("budgets", "closed", exc)
+                self._unwritten.extend(batch)
+                return
+
+    async def settled(self) -> None:
+        """Wait until every settlement made so far is written (or kept for a retry)."""
+        while self._writer is not None and not self._writer.done():
+            await asyncio.shield(self._writer)
 
     async def usage(self, budgets: Sequence[Budget]) -> list[Usage]:
         now = datetime.now(UTC)
@@ -173,13 +186,13 @@ class BudgetGate:
                     self.errors.report("budgets", "closed", exc)
 
     async def _retry_settlements(self) -> None:
-        pending, self._pending = self._pending, []
-        for item in pending:
+        if self._unwritten:
+            batch, self._unwritten = self._unwritten, []
             try:
-                await self.counters.settle(item.reservation.request_id, item.reservation.charges, item.actual_nanos)
+                await self.counters.settle(batch)
             except Exception:
-                item.attempts += 1
-                self._pending.append(item)
+                self._unwritten = batch + self._unwritten
+                raise
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._keep())
@@ -189,9 +202,10 @@ class BudgetGate:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        await self.settled()
         with contextlib.suppress(Exception):
             await self._retry_settlements()
-        if self._pending:
+        if self._unwritten:
             log.error("%d budget settlements could not be written before shutdown (their reservations expire; "
-                      "the ledger has the spend)", len(self._pending))
+                      "the ledger has the spend)", len(self._unwritten))
         await self.counters.aclose()
