@@ -353,6 +353,13 @@ def test_counters_of_two_replicas_grant_exactly_what_fits(store: str, request: p
         assert await replicas[1].reserve("small", [charge], 1, 30) is None
         [usage] = await replicas[0].usage([charge])
         assert not usage.refusing
+        # all or none: a key's budget that fits gives back what it took when the team's budget refuses
+        roomy = Charge(Budget(budget.id + "-key", "key", "k2", "day", 1.0), "2026-12-05")
+        tight = Charge(Budget(budget.id + "-team", "team", "t", "day", 1e-6), "2026-12-05")
+        results = await asyncio.gather(replicas[0].reserve("both", [roomy, tight], amount, 30),
+                                       replicas[0].reserve("key-only", [roomy], amount, 30))
+        assert results[0] is not None and results[0].charge == tight and results[1] is None
+        assert [u.reserved_nanos for u in await replicas[1].usage([roomy, tight])] == [amount, 0]
         for replica in replicas:
             await replica.aclose()
 

@@ -10,6 +10,7 @@ that stop counting once their lease expires. Amounts are integers in nano-USD.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import threading
 import time
@@ -218,15 +219,23 @@ class RedisCounters:
 
 
 # -- SQL ------------------------------------------------------------------------------------------------
-class _Refused(Exception):
-    def __init__(self, exceeded: Exceeded) -> None:
-        self.exceeded = exceeded
+@dataclass(slots=True)
+class _Asked:
+    """A reservation waiting for its batch."""
+
+    request_id: str
+    charges: Sequence[Charge]
+    amount_nanos: int
+    lease_s: float
+    answer: asyncio.Future[Exceeded | None]
 
 
 class SqlCounters:
-    """Counters in the ledger's database. Each reservation is one transaction whose first statement writes
-    (so SQLite takes its write lock first), and whose check is a conditional UPDATE (PostgreSQL re-checks it
-    against a row another transaction just changed): no two replicas can both take the last dollar."""
+    """Counters in the ledger's database. Reservations are decided in batches (group commit), each batch one
+    transaction whose first statement writes (so SQLite takes its write lock first; on PostgreSQL the counter
+    rows are locked first, in one order), and each reservation's check a conditional UPDATE (PostgreSQL
+    re-checks it against a row another transaction just changed): no two replicas can both take the last
+    dollar."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -237,6 +246,8 @@ class SqlCounters:
         # SQLite has one writer at a time anyway: queueing here spares the busy-wait inside the driver.
         self._lock: contextlib.AbstractContextManager[object] = (
             threading.Lock() if engine.dialect.name == "sqlite" else contextlib.nullcontext())
+        self._asked: list[_Asked] = []
+        self._decider: asyncio.Task[None] | None = None
 
     def _open(self, connection, charge: Charge, now: float) -> None:  # type: ignore[no-untyped-def]
         """Make sure the period's counter row exists, and release the reservations whose lease ended (done
@@ -254,42 +265,78 @@ class SqlCounters:
                 u.budget_id == charge.budget.id, u.period_start == charge.period_start,
             ).values(reserved_nanos=u.reserved_nanos - sum(gone)))
 
-    def _reserve(self, request_id: str, charges: Sequence[Charge], amount: int, lease_s: float) -> Exceeded | None:
+    def _lock_rows(self, connection, charges: Sequence[Charge], now: float) -> None:  # type: ignore[no-untyped-def]
+        """PostgreSQL: lock the counter rows a batch touches, in one global order, before touching any (two
+        replicas' batches then never deadlock); SQLite has a single writer and needs none of this."""
+        if self.engine.dialect.name != "postgresql":
+            return
         u = budget_usage_table.c
-        now = time.time()
-        try:
-            with self._lock, self.engine.begin() as connection:
-                for charge in charges:
+        for budget_id, period in sorted({(c.budget.id, c.period_start) for c in charges}):
+            found = connection.execute(select(u.budget_id).where(u.budget_id == budget_id, u.period_start == period)
+                                       .with_for_update()).first()
+            if found is None:
+                charge = next(c for c in charges if (c.budget.id, c.period_start) == (budget_id, period))
+                self._open(connection, charge, now)
+
+    def _reserve_many(self, items: Sequence[_Asked]) -> list[Exceeded | None]:
+        """Decide a batch of reservations in one transaction, one after the other: each takes all its budgets or
+        none (what it took is given back when a later budget of its refuses)."""
+        u, now = budget_usage_table.c, time.time()
+        results: list[Exceeded | None] = []
+        with self._lock, self.engine.begin() as connection:
+            self._lock_rows(connection, [c for item in items for c in item.charges], now)
+            for item in items:
+                taken_from: list[Charge] = []
+                refused = None
+                for charge in item.charges:
                     where = and_(u.budget_id == charge.budget.id, u.period_start == charge.period_start)
                     take = update(budget_usage_table).where(
-                        where, u.spent_nanos + u.reserved_nanos + amount <= charge.budget.limit_nanos,
-                    ).values(reserved_nanos=u.reserved_nanos + amount, refusing=False)
-                    taken = connection.execute(take)
-                    if taken.rowcount != 1:
+                        where, u.spent_nanos + u.reserved_nanos + item.amount_nanos <= charge.budget.limit_nanos,
+                    ).values(reserved_nanos=u.reserved_nanos + item.amount_nanos, refusing=False)
+                    if connection.execute(take).rowcount != 1:
                         # no counter for this period yet, or too little left: with expired leases released
                         # (they only matter now), try once more
                         self._open(connection, charge, now)
-                        taken = connection.execute(take)
-                    if taken.rowcount != 1:
-                        row = connection.execute(select(u.spent_nanos, u.reserved_nanos).where(where)).one()
-                        raise _Refused(Exceeded(charge, int(row.spent_nanos), int(row.reserved_nanos)))
-                    connection.execute(insert(budget_reservations_table).values(
-                        request_id=request_id, budget_id=charge.budget.id, period_start=charge.period_start,
-                        amount_nanos=amount, expires_at=now + lease_s))
-        except _Refused as refused:  # the transaction was rolled back: nothing reserved anywhere
-            charge = refused.exceeded.charge
-            with self._lock, self.engine.begin() as connection:
-                self._open(connection, charge, now)
-                connection.execute(update(budget_usage_table).where(
-                    u.budget_id == charge.budget.id, u.period_start == charge.period_start,
-                ).values(refusing=True, refused_at=now))
-            return refused.exceeded
-        return None
+                        if connection.execute(take).rowcount != 1:
+                            row = connection.execute(select(u.spent_nanos, u.reserved_nanos).where(where)).one()
+                            refused = Exceeded(charge, int(row.spent_nanos), int(row.reserved_nanos))
+                            break
+                    taken_from.append(charge)
+                if refused is not None:
+                    for charge in taken_from:  # all or none
+                        connection.execute(update(budget_usage_table).where(
+                            u.budget_id == charge.budget.id, u.period_start == charge.period_start,
+                        ).values(reserved_nanos=u.reserved_nanos - item.amount_nanos))
+                    connection.execute(update(budget_usage_table).where(
+                        u.budget_id == refused.charge.budget.id, u.period_start == refused.charge.period_start,
+                    ).values(refusing=True, refused_at=now))
+                else:
+                    connection.execute(insert(budget_reservations_table), [
+                        {"request_id": item.request_id, "budget_id": c.budget.id, "period_start": c.period_start,
+                         "amount_nanos": item.amount_nanos, "expires_at": now + item.lease_s} for c in item.charges])
+                results.append(refused)
+        return results
+
+    async def _decide(self) -> None:
+        """Take every reservation asked for while the previous batch was decided, as one batch."""
+        while self._asked:
+            batch, self._asked = self._asked, []
+            try:
+                results = await run_in_threadpool(self._reserve_many, batch)
+            except Exception as exc:
+                for item in batch:
+                    if not item.answer.done():
+                        item.answer.set_exception(exc)
+                continue
+            for item, result in zip(batch, results, strict=True):
+                if not item.answer.done():
+                    item.answer.set_result(result)
 
     def _settle(self, settlements: Sequence[Settlement]) -> None:
         u, r = budget_usage_table.c, budget_reservations_table.c
         now = time.time()
         with self._lock, self.engine.begin() as connection:
+            self._lock_rows(connection, [c for item in settlements for c in item.charges], now)
             for item in settlements:
                 for charge in item.charges:
                     held = connection.execute(delete(budget_reservations_table).where(
@@ -328,7 +375,14 @@ class SqlCounters:
 
     async def reserve(self, request_id: str, charges: Sequence[Charge], amount_nanos: int,
                       lease_s: float) -> Exceeded | None:
-        return await run_in_threadpool(self._reserve, request_id, charges, amount_nanos, lease_s)
+        """Group commit: requests that ask while a batch is being decided are decided together in the next
+        transaction (one thread hop and one commit for all of them)."""
+        loop = asyncio.get_running_loop()
+        asked = _Asked(request_id, charges, amount_nanos, lease_s, loop.create_future())
+        self._asked.append(asked)
+        if self._decider is None or self._decider.done():
+            self._decider = loop.create_task(self._decide())
+        return await asked.answer
 
     async def settle(self, settlements: Sequence[Settlement]) -> None:
         await run_in_threadpool(self._settle, settlements)
