@@ -43,12 +43,13 @@ from sqlalchemy import (
     and_,
     func,
     insert,
+    select,
     text,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
-from gateway.ledger import metadata
+from gateway.ledger import metadata, requests_table
 from gateway.settings import FrugalConfig
 from workers.pricing import TokenPrice
 
@@ -301,6 +302,24 @@ class Rollups:
                       **_full(v, TIER_COUNTERS)} for k, v in sorted(batch.tiers.items())]
         _upsert(connection, rollups_table, route_rows, ROUTE_COUNTERS)
         _upsert(connection, tier_rollups_table, tier_rows, TIER_COUNTERS)
+
+
+def rebuild(engine: Engine, rollups: Rollups, chunk_rows: int = 20_000) -> int:
+    """Count the whole ledger into the rollups again, in one transaction (the rollups are emptied first): for a
+    ledger written before rollups existed, or after a price change. Run it with the gateways stopped: rows
+    they write meanwhile would be counted twice. Returns the rows counted."""
+    rollups.ensure_schema(engine)
+    counted = 0
+    with engine.begin() as connection:
+        connection.execute(rollups_table.delete())
+        connection.execute(tier_rollups_table.delete())
+        query = select(requests_table).order_by(requests_table.c.created_at, requests_table.c.id)
+        result = connection.execution_options(yield_per=chunk_rows).execute(query)
+        for part in result.partitions():
+            rows = [dict(r._mapping) for r in part]
+            rollups.write(connection, rows)
+            counted += len(rows)
+    return counted
 
 
 def rollups_for(config: FrugalConfig) -> Rollups:

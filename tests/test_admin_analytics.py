@@ -472,3 +472,48 @@ def test_names_clients_make_up_share_one_rollup_row() -> None:
     batch = rollups.aggregate(rows)
     assert sorted(route for _, route, _ in batch.routes) == ["(other)", "frugal/auto"]
     assert batch.routes[(next(iter(batch.routes))[0], "(other)", "client")]["requests"] == 2
+
+
+def test_rebuilding_counts_a_ledger_written_before_rollups_existed(tmp_path: Path) -> None:
+    """A ledger written without rollups (an older Frugal), rebuilt: the same counters as if it had had them."""
+    from gateway.rollups import rebuild  # noqa: PLC0415
+
+    rows = seeded_rows(700)
+    old = Ledger(f"sqlite:///{tmp_path / 'old.db'}", tmp_path / "spill.jsonl", batch_size=50)
+    old.start()
+    for row in rows:
+        old.record(row)
+    assert old.flush(60)
+    assert stored_rollups(old) == ({}, {})  # nothing counted yet: the dashboard would show no history
+    assert rebuild(old.engine, Rollups(TOP.get), chunk_rows=64) == 700
+    expected_routes, expected_tiers = expected_rollups(ledger_rows(old))
+    stored_routes, stored_tiers = stored_rollups(old)
+    assert_same(expected_routes, stored_routes)
+    assert_same(expected_tiers, stored_tiers)
+    assert rebuild(old.engine, Rollups(TOP.get)) == 700  # again: emptied first, never counted twice
+    assert_same(expected_routes, stored_rollups(old)[0])
+    old.close()
+
+
+def test_the_rebuild_command_counts_the_configured_ledger(tmp_path: Path) -> None:
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    ledger = Ledger(f"sqlite:///{tmp_path / 'cli.db'}", tmp_path / "spill.jsonl")
+    ledger.start()
+    for row in seeded_rows(120):
+        ledger.record(row)
+    assert ledger.flush(60)
+    ledger.close()
+    config = tmp_path / "frugal.yaml"
+    config.write_text(yaml.safe_dump({"ledger": {"url": f"sqlite:///{tmp_path / 'cli.db'}"}}))
+    frugal = Path(sys.executable).parent / "frugal"
+    done = subprocess.run([str(frugal), "ledger", "rebuild-rollups", "--config", str(config), "--json"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["rows"] == 120
+    check = Ledger(f"sqlite:///{tmp_path / 'cli.db'}", tmp_path / "spill.jsonl")
+    assert sum(v["requests"] for v in stored_rollups(check)[0].values()) == 120
+    missing = subprocess.run([str(frugal), "ledger", "rebuild-rollups", "--config", str(tmp_path / "nope.yaml")],
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode != 0 and "nope.yaml" in missing.stderr + missing.stdout

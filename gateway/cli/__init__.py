@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import typer
 
-from gateway.cli import cache, cascade, judge, models, scorer, serve, standin, worker
+from gateway.cli import cache, cascade, judge, ledger, models, scorer, serve, standin, worker
 
 
 def build() -> typer.Typer:
@@ -20,6 +20,7 @@ def build() -> typer.Typer:
     app.add_typer(cascade.app, name="cascade")
     app.add_typer(judge.app, name="judge")
     app.add_typer(cache.app, name="cache")
+    app.add_typer(ledger.app, name="ledger")
     return app
 
 
