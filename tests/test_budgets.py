@@ -5,7 +5,9 @@ what they reserved, keys are hashed at rest, scoped, and revoked everywhere with
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +75,24 @@ def chat(gateway: Gateway, secret: str, **extra: Any) -> httpx.Response:
                       headers={"authorization": f"Bearer {secret}"}, timeout=30)
 
 
+@contextlib.contextmanager
+def slow_stream(standin: Service, gateway: Gateway, secret: str, chunk_latency_ms: int) -> Iterator[httpx.Response]:
+    """A streamed answer (beta, up to 200 tokens) whose chunks the stand-in sends `chunk_latency_ms` apart,
+    open and past its first frame; the client leaves when the block ends."""
+    slow = {"model": "beta", "chunk_latency_ms": chunk_latency_ms}
+    httpx.post(standin.url + "/_standin/faults", json=slow).raise_for_status()
+    try:
+        body = {"model": "beta", "messages": QUESTION, "max_tokens": 200, "stream": True}
+        with httpx.stream("POST", gateway.url + "/v1/chat/completions", json=body, timeout=30,
+                          headers={"authorization": f"Bearer {secret}"}) as response:
+            assert response.status_code == 200
+            lines = response.iter_lines()  # kept: a discarded line iterator closes the stream
+            assert next(lines).startswith("data:")
+            yield response
+    finally:
+        httpx.delete(standin.url + "/_standin/faults")
+
+
 @pytest.mark.parametrize("store", ["sql", "redis"])
 def test_hundred_concurrent_requests_on_two_replicas_never_overspend(
         store: str, make_gateway: Any, tmp_path: Path, standin_server: Service, redis_url: str) -> None:
@@ -115,27 +135,17 @@ def test_cancelled_stream_settles_what_was_generated_and_releases_the_rest(
     [gateway] = replicas(make_gateway, tmp_path, standin_server.url, count=1,
                          redis=redis_url if store == "redis" else None)
     key = create_key(gateway, budgets=[{"period": "day", "limit_usd": 1.0}])
-    slow = {"model": "beta", "chunk_latency_ms": 400}
-    httpx.post(standin_server.url + "/_standin/faults", json=slow).raise_for_status()
-    try:
-        body = {"model": "beta", "messages": QUESTION, "max_tokens": 200, "stream": True}
-        with httpx.stream("POST", gateway.url + "/v1/chat/completions", json=body, timeout=30,
-                          headers={"authorization": f"Bearer {key['key']}"}) as response:
-            assert response.status_code == 200
-            request_id = response.headers["x-request-id"]
-            lines = response.iter_lines()
-            assert next(lines).startswith("data:")
-            [held] = key_state(gateway, key["id"])["budgets"]
-            assert held["reserved_usd"] > 0  # held while the answer streams
-        # the client went away mid-answer
-        row = gateway.ledger_row(request_id)
-        assert row["status"] == 499
-        [budget] = wait_until(lambda: (s := key_state(gateway, key["id"])["budgets"])[0]["reserved_usd"] == 0 and s,
-                              10, "the reservation released")
-        assert budget["spent_usd"] == pytest.approx(row["cost_usd"], abs=1e-9)
-        assert row["completion_tokens"] < 200
-    finally:
-        httpx.delete(standin_server.url + "/_standin/faults")
+    with slow_stream(standin_server, gateway, key["key"], 400) as response:
+        request_id = response.headers["x-request-id"]
+        [held] = key_state(gateway, key["id"])["budgets"]
+        assert held["reserved_usd"] > 0  # held while the answer streams
+    # the client went away mid-answer
+    row = gateway.ledger_row(request_id)
+    assert row["status"] == 499
+    [budget] = wait_until(lambda: (s := key_state(gateway, key["id"])["budgets"])[0]["reserved_usd"] == 0 and s,
+                          10, "the reservation released")
+    assert budget["spent_usd"] == pytest.approx(row["cost_usd"], abs=1e-9)
+    assert row["completion_tokens"] < 200
 
 
 @pytest.mark.parametrize("store", ["sql", "redis"])
@@ -144,25 +154,16 @@ def test_a_killed_replica_leaks_no_reservation_past_its_lease(
     a, b = replicas(make_gateway, tmp_path, standin_server.url, redis=redis_url if store == "redis" else None,
                     lease_s=2)
     key = create_key(a, budgets=[{"period": "month", "limit_usd": 1.0}])
-    slow = {"model": "beta", "chunk_latency_ms": 1500}
-    httpx.post(standin_server.url + "/_standin/faults", json=slow).raise_for_status()
-    try:
-        body = {"model": "beta", "messages": QUESTION, "max_tokens": 200, "stream": True}
-        with httpx.stream("POST", a.url + "/v1/chat/completions", json=body, timeout=30,
-                          headers={"authorization": f"Bearer {key['key']}"}) as response:
-            assert response.status_code == 200
-            assert next(response.iter_lines()).startswith("data:")
-            assert a.process is not None
-            a.process.send_signal(signal.SIGKILL)
-            a.process.wait(10)
-            [held] = key_state(b, key["id"])["budgets"]
-            assert held["reserved_usd"] > 0
-        [budget] = wait_until(lambda: (s := key_state(b, key["id"])["budgets"])[0]["reserved_usd"] == 0 and s,
-                              15, "the dead replica's reservation expiring")
-        assert budget["spent_usd"] == 0
-        assert chat(b, key["key"]).status_code == 200  # the budget is whole again
-    finally:
-        httpx.delete(standin_server.url + "/_standin/faults")
+    with slow_stream(standin_server, a, key["key"], 1500):
+        assert a.process is not None
+        a.process.send_signal(signal.SIGKILL)
+        a.process.wait(10)
+        [held] = key_state(b, key["id"])["budgets"]
+        assert held["reserved_usd"] > 0
+    [budget] = wait_until(lambda: (s := key_state(b, key["id"])["budgets"])[0]["reserved_usd"] == 0 and s,
+                          15, "the dead replica's reservation expiring")
+    assert budget["spent_usd"] == 0
+    assert chat(b, key["key"]).status_code == 200  # the budget is whole again
 
 
 def test_keys_are_hashed_at_rest_scoped_expired_and_revoked_on_every_replica(
