@@ -409,6 +409,9 @@ def test_funnel_and_judge_of_a_cascade_count_its_traces(
     assert sum(b["accepted"] + b["escalated"] for b in judged[1]["bins"]) == len(ids)
     assert judge["learning"]["route"] == CASCADE
     assert _admin(gateway, "GET", f"/admin/analytics/judge?route={CASCADE}").json()["learning"] is None
+    # a refresh reads no ledger: the estimate read a moment ago is shared
+    again = _admin(gateway, "GET", f"/admin/analytics/judge?route={CASCADE}&learning=true").json()
+    assert again["learning_read_at"] == judge["learning_read_at"] and again["learning"] == judge["learning"]
 
 
 def test_whatif_proposes_from_the_frontier_and_apply_changes_the_live_thresholds_with_an_audit_entry(
@@ -517,3 +520,34 @@ def test_the_rebuild_command_counts_the_configured_ledger(tmp_path: Path) -> Non
     missing = subprocess.run([str(frugal), "ledger", "rebuild-rollups", "--config", str(tmp_path / "nope.yaml")],
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode != 0 and "nope.yaml" in missing.stderr + missing.stdout
+
+
+def test_expensive_reads_are_shared_by_concurrent_callers_and_kept_a_while() -> None:
+    import asyncio  # noqa: PLC0415
+
+    from gateway.single_flight import SharedReads  # noqa: PLC0415
+
+    reads: list[str] = []
+
+    async def scenario() -> None:
+        gate = asyncio.Event()
+
+        async def slow_read() -> str:
+            reads.append("read")
+            await gate.wait()
+            return f"value {len(reads)}"
+
+        kept = SharedReads(ttl_s=3600)
+        waiting = [asyncio.ensure_future(kept.get("k", slow_read)) for _ in range(10)]
+        await asyncio.sleep(0)
+        gate.set()
+        results = await asyncio.gather(*waiting)
+        assert {value for value, _ in results} == {"value 1"} and reads == ["read"]
+        assert (await kept.get("k", slow_read))[0] == "value 1" and reads == ["read"]  # kept
+        assert (await kept.get("other", slow_read))[0] == "value 2"  # another key: its own read
+        stale = SharedReads(ttl_s=0)
+        await stale.get("k", slow_read)
+        await stale.get("k", slow_read)
+        assert len(reads) == 4  # past its ttl a value is read again
+
+    asyncio.run(scenario())
