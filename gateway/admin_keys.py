@@ -136,16 +136,25 @@ def admin_key_routes(guard: AdminGuard, keys: VirtualKeys, teams: Teams, book: B
     known = set(names)
 
     async def with_budgets(owners: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Each key or team with its budgets and their spend (one read of the counters for the page)."""
+        """Each key or team with its budgets and their spend, and each key with its team's budgets
+        (`team_budgets`: they refuse its requests too); one read of the counters for the page."""
         if not owners:
             return owners
-        budgets = await run_in_threadpool(book.list, [o["id"] for o in owners])
+        teams_of_keys = {o["team_id"] for o in owners if o.get("object") == "key" and o.get("team_id")}
+        budgets = await run_in_threadpool(book.list, [o["id"] for o in owners] + sorted(teams_of_keys))
         usage = await gate.usage(budgets)
         now = datetime.now(UTC)
-        by_owner: dict[str, list[dict[str, Any]]] = {}
+        by_owner: dict[tuple[str, str], list[dict[str, Any]]] = {}
         for budget, used in zip(budgets, usage, strict=True):
-            by_owner.setdefault(budget.owner_id, []).append(budget_view(budget, used, now))
-        return [{**o, "budgets": by_owner.get(o["id"], [])} for o in owners]
+            by_owner.setdefault((budget.owner_type, budget.owner_id), []).append(budget_view(budget, used, now))
+        shown = []
+        for owner in owners:
+            kind = "key" if owner.get("object") == "key" else "team"
+            item = {**owner, "budgets": by_owner.get((kind, owner["id"]), [])}
+            if kind == "key":
+                item["team_budgets"] = by_owner.get(("team", owner["team_id"]), []) if owner.get("team_id") else []
+            shown.append(item)
+        return shown
 
     def check_scope(changes: KeyChanges) -> None:
         unknown = [m for m in changes.models or () if m not in known]

@@ -285,6 +285,10 @@ def test_team_budgets_and_key_rate_limits_apply_to_virtual_keys(
     # a request charged to the team before its budget existed is not in it; those after are
     [budget] = httpx.get(f"{a.url}/admin/teams/{team['id']}", headers=ADMIN).json()["budgets"]
     assert budget["spent_usd"] == 0 and cost > 0
+    # the member's own page shows the team budget that refuses it
+    shown = key_state(a, member["id"])
+    assert shown["budgets"] == [] and [b["id"] for b in shown["team_budgets"]] == [budget["id"]]
+    assert shown["team_budgets"][0]["exhausted"] is True and shown["team_budgets"][0]["last_refused_at"]
 
 
 def test_keys_and_budgets_fall_back_on_what_was_read_while_the_database_is_down(tmp_path: Path) -> None:

@@ -309,6 +309,18 @@ def test_the_dashboard_tells_the_story_of_real_traffic_in_a_real_browser(
     assert "budget exhausted" in _text(page, f"#key-list tr[data-key='{key_id}']").lower()
     shots.take(page, "key-exhausted")
 
+    # A key refused by its team's budget: its page shows the team's budgets, exhausted.
+    admin = {"authorization": f"Bearer {ADMIN_KEY}"}
+    team = httpx.post(gateway.url + "/admin/teams", headers=admin,
+                      json={"name": "tight team", "budgets": [{"period": "month", "limit_usd": 0.000001}]}).json()
+    member = httpx.post(gateway.url + "/admin/keys", headers=admin, json={"name": "member", "team_id": team["id"]})
+    assert _ask(gateway, member.json()["key"], grid, 0).status_code == 429
+    page.goto(f"{gateway.url}/admin#keys/{member.json()['id']}")
+    detail = _until_shown(page, "#key-detail", lambda t: "Its team's budgets" in t, "the team's budgets")
+    assert "Refusing requests for its team's budget" in detail and "EXHAUSTED" in detail.upper()
+    assert _text(page, "#key-detail h2 .badge").lower() == "budget exhausted"
+    shots.take(page, "key-team")
+
     # -- What-if: the frontier with the live point; a budget proposes thresholds, applied after a confirm step
     page.click("#tabs a[data-view=whatif]")
     page.wait_for_selector("#frontier-chart #current-point")

@@ -953,10 +953,10 @@
         text: `refusing requests: ${fmtUSD(b.remaining_usd ?? Math.max(0, limit - b.spent_usd))} left is less than a request may cost · last refused ${fmtTime(b.last_refused_at)}` })) : null);
   }
 
-  function keyStatus(k, refused) {
+  function keyStatus(k) {
     if (k.revoked_at) return h("span", { class: "badge revoked", text: "revoked" });
     if (k.expires_at && Date.parse(k.expires_at) <= Date.now()) return h("span", { class: "badge expired", text: "expired" });
-    if (refused || (k.budgets || []).some((b) => b.exhausted)) return h("span", { class: "badge exhausted", text: "budget exhausted" });
+    if ([...(k.budgets || []), ...(k.team_budgets || [])].some((b) => b.exhausted)) return h("span", { class: "badge exhausted", text: "budget exhausted" });
     if ((k.budgets || []).some((b) => b.limit_usd && b.spent_usd >= 0.95 * b.limit_usd)) {
       return h("span", { class: "badge expired", text: "budget 95% spent" });
     }
@@ -1076,25 +1076,25 @@
 
     async function renderDetail() {
       if (!selected) { keyDetail.hidden = true; return; }
+      const want = selected;
       let k;
       try {
-        k = await api(`/admin/keys/${encodeURIComponent(selected)}`);
+        k = await api(`/admin/keys/${encodeURIComponent(want)}`);
       } catch (exc) {
+        if (selected !== want) return;
         if (!(exc instanceof ApiError) || exc.status !== 404) throw exc;
         keyDetail.hidden = false;
         fill(keyDetail, h("p", { class: "error", text: exc.message }));
         return;
       }
-      // Is the key being refused for its budget right now? Its newest request says so (429 budget_exceeded).
-      const latest = await api("/admin/traces", { query: { key_id: k.id, limit: 1 } });
-      const last = (latest.data || [])[0];
-      const refused = last && last.status === 429 && last.error_code === "budget_exceeded" ? last : null;
-      // refused although none of the key's own budgets is exhausted: its team's budget refused it
-      const byTeam = refused && !(k.budgets || []).some((b) => b.exhausted);
+      if (selected !== want) return;  // another key was opened meanwhile: its own render shows it
+      // Its team's budgets refuse its requests too: a key is refused when any of them is exhausted.
+      const teamBudgets = k.team_budgets || [];
+      const byTeam = teamBudgets.some((b) => b.exhausted);
       keyDetail.hidden = false;
       fill(keyDetail, h("div", { class: "row", style: { justifyContent: "space-between", alignItems: "baseline" } },
-        h("h2", null, `${k.name} `, keyStatus(k, refused)), h("a", { href: "#keys", text: "close" })),
-      byTeam ? h("p", { class: "error", text: `Refusing requests for its team's budget: the last one got 429 budget_exceeded at ${fmtTime(refused.created_at)}.` }) : null,
+        h("h2", null, `${k.name} `, keyStatus(k)), h("a", { href: "#keys", text: "close" })),
+      byTeam ? h("p", { class: "error", text: `Refusing requests for its team's budget (team ${k.team_id}).` }) : null,
       h("div", { class: "grid two" },
         h("dl", { class: "facts" },
           ...[["Id", k.id], ["Prefix", `${k.prefix}…`], ["Team", k.team_id || "—"], ["Scope", k.models ? k.models.join(", ") : "every model and route"],
@@ -1103,7 +1103,9 @@
             ["Metadata", k.metadata && Object.keys(k.metadata).length ? JSON.stringify(k.metadata) : "—"]]
             .flatMap(([a, b]) => [h("dt", { text: a }), h("dd", { text: b })])),
         h("div", { id: "key-budgets" }, h("h3", { text: "Budgets" }),
-          (k.budgets || []).length ? k.budgets.map((b) => budgetBar(b, true)) : h("p", { class: "muted", text: "No budget: this key may spend without limit." }),
+          (k.budgets || []).length ? k.budgets.map((b) => budgetBar(b, true)) : h("p", { class: "muted", text: teamBudgets.length ? "No budget of its own." : "No budget: this key may spend without limit." }),
+          teamBudgets.length ? h("h3", { text: `Its team's budgets (${k.team_id})` }) : null,
+          ...teamBudgets.map((b) => budgetBar(b, true)),
           h("p", { class: "small" }, h("a", { href: `#traces`, onclick: (e) => { e.preventDefault(); location.hash = "#traces"; setTimeout(() => { const f = $("#trace-search"); if (f) { f.elements.key_id.value = k.id; f.requestSubmit(); } }, 50); } }, "Traces of this key")),
           k.revoked_at ? null : h("button", { class: "danger", onclick: () => revokeKey(k, (err) => { fail(err); refresh(true); }) }, "Revoke key"))));
     }
@@ -1111,9 +1113,11 @@
     return {
       open(newArg) { selected = newArg; },
       async refresh() {
+        const want = selected;
         const [keys, teamPage] = await Promise.all([
           api("/admin/keys", { query: { limit: 100, include_revoked: includeRevoked.checked ? "true" : null } }),
           api("/admin/teams", { query: { limit: 100 } })]);
+        if (selected !== want) return;  // a refresh for the key opened since is under way: it renders
         teams = teamPage.data || [];
         const chosen = teamSelect.value;
         fill(teamSelect, h("option", { value: "", text: "none" }), teams.map((t) => h("option", { value: t.id, text: t.name })));
@@ -1127,7 +1131,8 @@
               onclick: (e) => { if (e.target.tagName !== "BUTTON") location.hash = `#keys/${encodeURIComponent(k.id)}`; } },
             h("td", null, h("strong", { text: k.name }), h("div", { class: "muted small mono", text: `${k.id} · ${k.prefix}…` })),
             h("td", { text: k.team_id ? teamName(k.team_id) : "—" }),
-            h("td", null, (k.budgets || []).length ? k.budgets.map((b) => budgetBar(b)) : h("span", { class: "muted", text: "no limit" })),
+            h("td", null, (k.budgets || []).length ? k.budgets.map((b) => budgetBar(b))
+              : h("span", { class: "muted", text: (k.team_budgets || []).length ? "its team's budgets" : "no limit" })),
             h("td", null, keyStatus(k)), h("td", { class: "small nowrap", text: fmtTime(k.created_at, false).slice(0, 10) }),
             h("td", null, k.revoked_at ? null : h("button", { onclick: () => revokeKey(k, (err) => { fail(err); refresh(true); }) }, "Revoke")))))),
           keys.has_more ? h("p", { class: "muted small", text: "Showing the newest 100 keys." }) : null);
