@@ -28,10 +28,10 @@ def redis_url(redis_server: str) -> str:
     return redis_server
 
 
-def gateway_config(standin_url: str, ledger: Path, *, redis: str | None = None, lease_s: float = 30.0) -> dict:
+def gateway_config(standin_url: str, ledger_url: str, *, redis: str | None = None, lease_s: float = 30.0) -> dict:
     config: dict[str, Any] = {
         "models": [model_entry("alpha", "alpha", standin_url), model_entry("beta", "beta", standin_url)],
-        "ledger": {"url": f"sqlite:///{ledger}"},
+        "ledger": {"url": ledger_url},
         "budgets": {"lease_s": lease_s},
         "artifacts": {"watch_interval_s": 0},
     }
@@ -40,9 +40,10 @@ def gateway_config(standin_url: str, ledger: Path, *, redis: str | None = None, 
     return config
 
 
-def replicas(make_gateway: Any, tmp_path: Path, standin_url: str, count: int = 2, **options: Any) -> list[Gateway]:
-    """`count` gateways sharing one SQLite database (and Redis when given), as replicas share PostgreSQL."""
-    config = gateway_config(standin_url, tmp_path / "shared-ledger.db", **options)
+def replicas(make_gateway: Any, tmp_path: Path, standin_url: str, count: int = 2, ledger_url: str | None = None,
+             **options: Any) -> list[Gateway]:
+    """`count` gateways sharing one database (by default a SQLite file; and Redis when given)."""
+    config = gateway_config(standin_url, ledger_url or f"sqlite:///{tmp_path / 'shared-ledger.db'}", **options)
     started = []
     for index in range(count):
         config["ledger"]["spill_path"] = str(tmp_path / f"spill-{index}.jsonl")
@@ -93,10 +94,13 @@ def slow_stream(standin: Service, gateway: Gateway, secret: str, chunk_latency_m
         httpx.delete(standin.url + "/_standin/faults")
 
 
-@pytest.mark.parametrize("store", ["sql", "redis"])
+@pytest.mark.parametrize("store", ["sql", "redis", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def test_hundred_concurrent_requests_on_two_replicas_never_overspend(
-        store: str, make_gateway: Any, tmp_path: Path, standin_server: Service, redis_url: str) -> None:
-    a, b = replicas(make_gateway, tmp_path, standin_server.url, redis=redis_url if store == "redis" else None)
+        store: str, make_gateway: Any, tmp_path: Path, standin_server: Service, redis_url: str,
+        request: pytest.FixtureRequest) -> None:
+    """Counters in SQLite (the embedded default), in Redis, and in PostgreSQL (what replicas share in production)."""
+    a, b = replicas(make_gateway, tmp_path, standin_server.url, redis=redis_url if store == "redis" else None,
+                    ledger_url=request.getfixturevalue("postgres_db") if store == "postgresql" else None)
     # One request reserves at most ~(32 prompt + 50 answer tokens) ≈ $0.000132 here: the budget fits 10.
     limit = 10 * 0.000132
     key = create_key(a, budgets=[{"period": "total", "limit_usd": limit}])
