@@ -16,10 +16,10 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from redis.asyncio import Redis
-from sqlalchemy import Engine, and_, delete, func, insert, select, update
+from sqlalchemy import Engine, and_, bindparam, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from starlette.concurrency import run_in_threadpool
 
@@ -248,6 +248,22 @@ class SqlCounters:
             threading.Lock() if engine.dialect.name == "sqlite" else contextlib.nullcontext())
         self._asked: list[_Asked] = []
         self._decider: asyncio.Task[None] | None = None
+        # The statements of the request path, built once (building a SQLAlchemy expression per call cost more
+        # CPU than running it): parameters by name.
+        u, r = budget_usage_table.c, budget_reservations_table.c
+        counter = and_(u.budget_id == bindparam("b_id"), u.period_start == bindparam("b_period"))
+        self._take = update(budget_usage_table).where(
+            counter, u.spent_nanos + u.reserved_nanos + bindparam("amount") <= bindparam("b_limit"),
+        ).values(reserved_nanos=u.reserved_nanos + bindparam("amount"), refusing=False)
+        self._give_back = update(budget_usage_table).where(counter).values(
+            reserved_nanos=u.reserved_nanos - bindparam("amount"))
+        self._refuse = update(budget_usage_table).where(counter).values(refusing=True, refused_at=bindparam("now"))
+        self._counter = select(u.spent_nanos, u.reserved_nanos).where(counter)
+        self._hold = insert(budget_reservations_table)
+        self._release = delete(budget_reservations_table).where(
+            r.request_id == bindparam("req"), r.budget_id == bindparam("b_id")).returning(r.amount_nanos)
+        self._charge = update(budget_usage_table).where(counter).values(
+            reserved_nanos=u.reserved_nanos - bindparam("held"), spent_nanos=u.spent_nanos + bindparam("actual"))
 
     def _open(self, connection, charge: Charge, now: float) -> None:  # type: ignore[no-untyped-def]
         """Make sure the period's counter row exists, and release the reservations whose lease ended (done
@@ -281,37 +297,31 @@ class SqlCounters:
     def _reserve_many(self, items: Sequence[_Asked]) -> list[Exceeded | None]:
         """Decide a batch of reservations in one transaction, one after the other: each takes all its budgets or
         none (what it took is given back when a later budget of its refuses)."""
-        u, now = budget_usage_table.c, time.time()
+        now = time.time()
         results: list[Exceeded | None] = []
         with self._lock, self.engine.begin() as connection:
             self._lock_rows(connection, [c for item in items for c in item.charges], now)
             for item in items:
-                taken_from: list[Charge] = []
+                taken_from: list[dict[str, Any]] = []
                 refused = None
                 for charge in item.charges:
-                    where = and_(u.budget_id == charge.budget.id, u.period_start == charge.period_start)
-                    take = update(budget_usage_table).where(
-                        where, u.spent_nanos + u.reserved_nanos + item.amount_nanos <= charge.budget.limit_nanos,
-                    ).values(reserved_nanos=u.reserved_nanos + item.amount_nanos, refusing=False)
-                    if connection.execute(take).rowcount != 1:
+                    which = {"b_id": charge.budget.id, "b_period": charge.period_start}
+                    take = {**which, "amount": item.amount_nanos, "b_limit": charge.budget.limit_nanos}
+                    if connection.execute(self._take, take).rowcount != 1:
                         # no counter for this period yet, or too little left: with expired leases released
                         # (they only matter now), try once more
                         self._open(connection, charge, now)
-                        if connection.execute(take).rowcount != 1:
-                            row = connection.execute(select(u.spent_nanos, u.reserved_nanos).where(where)).one()
+                        if connection.execute(self._take, take).rowcount != 1:
+                            row = connection.execute(self._counter, which).one()
                             refused = Exceeded(charge, int(row.spent_nanos), int(row.reserved_nanos))
+                            connection.execute(self._refuse, {**which, "now": now})
                             break
-                    taken_from.append(charge)
+                    taken_from.append(which)
                 if refused is not None:
-                    for charge in taken_from:  # all or none
-                        connection.execute(update(budget_usage_table).where(
-                            u.budget_id == charge.budget.id, u.period_start == charge.period_start,
-                        ).values(reserved_nanos=u.reserved_nanos - item.amount_nanos))
-                    connection.execute(update(budget_usage_table).where(
-                        u.budget_id == refused.charge.budget.id, u.period_start == refused.charge.period_start,
-                    ).values(refusing=True, refused_at=now))
+                    for which in taken_from:  # all or none
+                        connection.execute(self._give_back, {**which, "amount": item.amount_nanos})
                 else:
-                    connection.execute(insert(budget_reservations_table), [
+                    connection.execute(self._hold, [
                         {"request_id": item.request_id, "budget_id": c.budget.id, "period_start": c.period_start,
                          "amount_nanos": item.amount_nanos, "expires_at": now + item.lease_s} for c in item.charges])
                 results.append(refused)
@@ -333,22 +343,17 @@ class SqlCounters:
                     item.answer.set_result(result)
 
     def _settle(self, settlements: Sequence[Settlement]) -> None:
-        u, r = budget_usage_table.c, budget_reservations_table.c
         now = time.time()
         with self._lock, self.engine.begin() as connection:
             self._lock_rows(connection, [c for item in settlements for c in item.charges], now)
             for item in settlements:
                 for charge in item.charges:
-                    held = connection.execute(delete(budget_reservations_table).where(
-                        r.request_id == item.request_id, r.budget_id == charge.budget.id,
-                    ).returning(r.amount_nanos)).scalars().all()
-                    charged = update(budget_usage_table).where(
-                        u.budget_id == charge.budget.id, u.period_start == charge.period_start,
-                    ).values(reserved_nanos=u.reserved_nanos - sum(held),
-                             spent_nanos=u.spent_nanos + item.actual_nanos)
-                    if connection.execute(charged).rowcount != 1:  # a period's counter made by no reservation
+                    which = {"b_id": charge.budget.id, "b_period": charge.period_start}
+                    held = connection.execute(self._release, {"req": item.request_id, "b_id": charge.budget.id})
+                    charged = {**which, "held": sum(held.scalars().all()), "actual": item.actual_nanos}
+                    if connection.execute(self._charge, charged).rowcount != 1:  # a counter made by no reservation
                         self._open(connection, charge, now)
-                        connection.execute(charged)
+                        connection.execute(self._charge, charged)
 
     def _renew(self, leases: dict[str, Sequence[Charge]], lease_s: float) -> None:
         if not leases:
