@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gateway.settings import ConfigError, ModelConfig, RedisConfig
+from gateway.settings import ConfigError, LocalServingConfig, ModelConfig, RedisConfig
 from workers.backend import Backend
 from workers.http_backend import HTTPBackend
 from workers.litellm_backend import LiteLLMBackend
@@ -82,9 +82,18 @@ def remote_model(model: ModelConfig) -> RemoteModel:
     return remote
 
 
-def build_local_backend(model: ModelConfig, provider: str = "auto") -> LocalBackend:
+def isolates_tenants(serving: LocalServingConfig, cache_scope: str = "key") -> bool:
+    """Whether a local model salts its prefix cache with the tenant: `serving.isolate_tenants` when set, else
+    as the response cache does (`cache.scope`): isolated unless the cache is shared by every key."""
+    if serving.isolate_tenants is not None:
+        return serving.isolate_tenants
+    return cache_scope != "shared"
+
+
+def build_local_backend(model: ModelConfig, provider: str = "auto", cache_scope: str = "key") -> LocalBackend:
     """A local ONNX model, built from its packaged source on first use (logged: it takes seconds); `provider`:
-    auto, cpu or cuda (ONNX Runtime's execution provider)."""
+    auto, cpu or cuda (ONNX Runtime's execution provider); `cache_scope`: the config's `cache.scope`, which
+    decides whether tenants share cached prefixes when `serving.isolate_tenants` is unset."""
     from workers.local.backend import LocalBackend  # noqa: PLC0415 (onnxruntime, only when a local model is served)
     from workers.local.catalog import DEFAULT_QUANT, resolve  # noqa: PLC0415
     from workers.local.engine import EngineConfig  # noqa: PLC0415
@@ -104,7 +113,7 @@ def build_local_backend(model: ModelConfig, provider: str = "auto") -> LocalBack
                           prefix_cache_bytes=int(serving.prefix_cache_mib * 1024 * 1024),
                           prefix_block_tokens=serving.prefix_block_tokens)
     return LocalBackend(model.name, folder, price=model.price, threads=model.threads, engine=engine,
-                        isolate_tenants=serving.isolate_tenants, provider=provider)
+                        isolate_tenants=isolates_tenants(serving, cache_scope), provider=provider)
 
 
 def pooled_kind(redis: RedisConfig) -> BackendKind:
@@ -132,12 +141,18 @@ def _direct_http(model: ModelConfig) -> bool:
                                          and bool(model.resolved_api_base()))
 
 
-LOCAL = BackendKind("local", lambda m: m.is_local, build_local_backend)
+def local_kind(cache_scope: str = "key") -> BackendKind:
+    """Local models served in this process; `cache_scope` as for `build_local_backend`."""
+    return BackendKind("local", lambda m: m.is_local, lambda m: build_local_backend(m, cache_scope=cache_scope))
+
+
+LOCAL = local_kind()
 HTTP = BackendKind("http", _direct_http, lambda m: HTTPBackend(remote_model(m)))
 LITELLM = BackendKind("litellm", lambda m: not m.is_local and m.transport in ("litellm", "auto"),
                       lambda m: LiteLLMBackend(remote_model(m)))
 
 
-def default_backends() -> BackendRegistry:
-    """The kinds every gateway has: local, direct HTTP, litellm."""
-    return BackendRegistry([LOCAL, HTTP, LITELLM])
+def default_backends(cache_scope: str = "key") -> BackendRegistry:
+    """The kinds every gateway has: local, direct HTTP, litellm. `cache_scope` is the config's `cache.scope`
+    (local models isolate tenants unless it is "shared" or `serving.isolate_tenants` says otherwise)."""
+    return BackendRegistry([local_kind(cache_scope), HTTP, LITELLM])

@@ -68,7 +68,7 @@ def worker(
             typer.echo(f"error: {wanted!r} is a remote model ({chosen.backend}); workers serve local models", err=True)
             raise typer.Exit(2)
         pooled.append(PooledModel(queue or chosen.queue, chosen.name,
-                                  lambda chosen=chosen: build_local_backend(chosen, provider)))
+                                  lambda chosen=chosen: build_local_backend(chosen, provider, settings.cache.scope)))
     try:
         run_worker(pooled, WorkerOptions(settings.redis.broker, settings.redis.state, concurrency=concurrency,
                                          metrics_host=metrics_host, metrics_port=metrics_port or None,
