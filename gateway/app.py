@@ -27,6 +27,7 @@ from gateway.errors import install_error_handlers
 from gateway.estimates import LiveEstimates
 from gateway.feedback import FeedbackEndpoint
 from gateway.ledger import Ledger
+from gateway.ledger_journal import journal_for
 from gateway.metrics import GatewayMetrics
 from gateway.model_list import model_routes
 from gateway.openapi import install_openapi
@@ -58,8 +59,9 @@ def create_app(config: FrugalConfig, *, backends: dict[str, Backend] | None = No
     `registry` (default: local, direct HTTP, litellm) that claims it. Raises `ConfigError` when a route
     cannot be built (e.g. a cascade's scorer cannot be loaded)."""
     metrics = GatewayMetrics()
-    ledger = Ledger(config.ledger.url, config.ledger.spill_path, rollups=rollups_for(config))
-    kinds = registry or default_backends()
+    ledger = Ledger(config.ledger.url, config.ledger.spill_path, rollups=rollups_for(config),
+                    journal=journal_for(config.ledger))
+    kinds = registry or default_backends(config.cache.scope)
     if any(m.pool is not None for m in config.models) and "pooled" not in kinds:
         kinds.register(pooled_kind(config.redis), first=True)
     built = backends if backends is not None else {m.name: kinds.build(m) for m in config.models}

@@ -250,11 +250,9 @@ class CompletionsEndpoint:
         async def settle() -> None:
             # The body generator records the request in its `finally`; but a client that leaves before
             # the first frame is sent can cancel the response before the generator ever starts.
-            await stream.aclose()
             if not record.recorded:
                 record.abandoned()
-                record.spent(stream.usage, stream.cost_usd, stream.text)
-                self.recorder.finish(record)
+            await self._record_stream(stream, record, answered=False)
             await self._settle(reservation, record)
 
         return SettledStreamingResponse(self._frames(writer, n, stream, record, lookup, after, reservation), settle,
@@ -277,12 +275,14 @@ class CompletionsEndpoint:
             if lookup is not None and lookup.write:
                 await self._save(lookup, CachedResponse(stream.model, stream.choices(), stream.usage,
                                                         stream.cost_usd))
+            self.recorder.finish(record)  # journaled before the last byte (docs/reliability.md)
             yield SSEWriter.DONE
             if after is not None:  # the last frame has been sent
                 await after()
         except BackendError as failure:
             error = error_for(failure)
             record.failed(error.status, error.code)
+            await self._record_stream(stream, record, sent)
             yield SSEWriter.error(error.body())
             yield SSEWriter.DONE
         except BaseException:
@@ -291,9 +291,14 @@ class CompletionsEndpoint:
                 record.abandoned()
             raise
         finally:
-            with anyio.CancelScope(shield=True):
-                await stream.aclose()  # bills what an abandoned stream generated
-                if not sent:
+            await self._record_stream(stream, record, sent)
+            await self._settle(reservation, record)
+
+    async def _record_stream(self, stream: RouteStream, record: RequestRecord, answered: bool) -> None:
+        """Close the stream (billing what an abandoned or failed one generated) and record the request, once."""
+        with anyio.CancelScope(shield=True):
+            await stream.aclose()
+            if not record.recorded:
+                if not answered:
                     record.spent(stream.usage, stream.cost_usd, stream.text)
                 self.recorder.finish(record)
-                await self._settle(reservation, record)

@@ -2,14 +2,18 @@
 answers (client feedback, shadow audits) beside them.
 
 Rows are handed to a writer thread and inserted in batches, so the request path never waits on the
-database. If the database is unreachable the writer keeps the rows and retries; rows it still holds
-at shutdown are appended to a JSON-lines spill file, so no request is lost. Labels are written at once
-(`upsert_label`): their writer waits for the answer. See docs/ledger.md.
+database. With a journal (gateway/ledger_journal.py), each row is first appended to a write-ahead file, so a
+process killed before its batch was written loses nothing: the next start replays it. If the database is
+unreachable the writer keeps the rows and retries; rows it still holds at shutdown are appended to a
+JSON-lines spill file, replayed at the next start. Labels are written at once (`upsert_label`): their writer
+waits for the answer. See docs/ledger.md and docs/reliability.md.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import queue
 import threading
 import time
@@ -18,7 +22,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-import orjson
 from sqlalchemy import (
     JSON,
     Boolean,
@@ -41,6 +44,8 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.dialects import postgresql, sqlite
+
+from gateway.ledger_journal import Journal, Leftover, dump_row, read_locked
 
 log = logging.getLogger("frugal.ledger")
 
@@ -152,8 +157,11 @@ class Ledger:
     """Asynchronous, batched, loss-averse writer of ledger rows."""
 
     def __init__(self, url: str, spill_path: str | Path, *, batch_size: int = 500, linger_s: float = 0.05,
-                 retry_interval_s: float = 1.0, rollups: BatchCounters | None = None) -> None:
+                 retry_interval_s: float = 1.0, rollups: BatchCounters | None = None,
+                 journal: Journal | None = None) -> None:
         self.url = url
+        #: The write-ahead journal (None: rows live only in memory until written; a killed process loses them).
+        self.journal = journal
         #: Counters written with each batch, in its transaction (gateway/rollups.py `Rollups`).
         self.rollups = rollups
         self.engine = make_engine(url)
@@ -162,12 +170,18 @@ class Ledger:
         #: After the first row of a batch arrives, wait this long for more: one commit per batch, not per row.
         self.linger_s = linger_s
         self.retry_interval_s = retry_interval_s
-        self._queue: queue.SimpleQueue[dict[str, Any] | _Flush | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[int, dict[str, Any]] | _Flush | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._schema_ready = False
         self.written = 0
         self.failures = 0
+        #: Rows found at start in the spill file or a dead process's journal and written (not there before).
+        self.replayed = 0
+        self._leftovers: list[Leftover] = []
+        self._spill_pending = True
+        self._journal_scanned = False
+        self._next_replay = 0.0
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -182,12 +196,25 @@ class Ledger:
         self._queue.put(None)
         self._thread.join(timeout_s)
         self._thread = None
+        if self.journal is not None:
+            self.journal.close()
+        for leftover in self._leftovers:
+            leftover.release()  # still in its file: the next start replays it
+        self._leftovers.clear()
         self.engine.dispose()
 
     # -- the request path -------------------------------------------------------------------------
     def record(self, row: dict[str, Any]) -> None:
-        """Queue one row (never blocks, never raises)."""
-        self._queue.put(row)
+        """Append one row to the journal (a write to the OS, no waiting on the disk or the database), then
+        queue it for the database. Never raises."""
+        segment = 0
+        if self.journal is not None:
+            try:
+                segment = self.journal.append(row)
+            except Exception as exc:  # a full disk must not fail the request: the row is still queued
+                self.failures += 1
+                log.error("ledger journal append failed (row %s kept in memory only): %s", row.get("id"), exc)
+        self._queue.put((segment, row))
 
     def flush(self, timeout_s: float = 10.0) -> bool:
         """Wait until every row queued before this call is written; False on timeout."""
@@ -258,35 +285,98 @@ class Ledger:
                 log.error("ledger database %s not usable yet: %s", self.engine.url.render_as_string(), exc)
         return self._schema_ready
 
-    def _write(self, rows: Sequence[dict[str, Any]]) -> bool:
+    def _write(self, rows: Sequence[dict[str, Any]], *, skip_existing: bool = False) -> bool:
+        """Insert `rows` (and count them in the rollups) in one transaction. `skip_existing`: rows replayed
+        from a file may be in the table already (written before their process died): those are skipped."""
         if not rows:
             return True
         if not self._ensure_schema():
             return False
         try:
             with self.engine.begin() as connection:
-                connection.execute(insert(requests_table), list(rows))
-                if self.rollups is not None:
-                    self.rollups.write(connection, rows)  # the same transaction: counted once, with the rows
+                if skip_existing:
+                    rows = self._not_written(connection, rows)
+                if rows:
+                    connection.execute(insert(requests_table), list(rows))
+                    if self.rollups is not None:
+                        self.rollups.write(connection, rows)  # the same transaction: counted once, with the rows
         except Exception as exc:
             self.failures += 1
             log.error("ledger write of %d rows failed (will retry): %s", len(rows), exc)
             return False
         self.written += len(rows)
+        if skip_existing:
+            self.replayed += len(rows)
         return True
+
+    @staticmethod
+    def _not_written(connection: Connection, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The rows whose ids are neither in the table nor earlier in `rows`."""
+        seen: set[str] = set()
+        ids = list({row["id"] for row in rows})
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            seen.update(connection.execute(select(requests_table.c.id).where(requests_table.c.id.in_(chunk))).scalars())
+        fresh = []
+        for row in rows:
+            if row["id"] not in seen:
+                seen.add(row["id"])
+                fresh.append(row)
+        return fresh
 
     def _spill(self, rows: Sequence[dict[str, Any]]) -> None:
         with self.spill_path.open("ab") as handle:
-            for row in rows:
-                handle.write(orjson.dumps(row, default=str, option=orjson.OPT_NON_STR_KEYS) + b"\n")
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)  # another replica may be replaying or appending
+            if os.fstat(handle.fileno()).st_ino != _inode(self.spill_path):  # replaced while we waited
+                return self._spill(rows)
+            handle.write(b"".join(dump_row(row) for row in rows))
         log.error("ledger database unreachable: %d rows spilled to %s", len(rows), self.spill_path)
+
+    def _replay(self) -> None:
+        self._next_replay = time.monotonic() + self.retry_interval_s
+        self._replay_files()
+
+    def _replay_files(self) -> None:
+        """Write the rows left by processes that are gone: the spill file (once, at start) and journal
+        segments no live process holds. What cannot be written yet stays (locked, for segments) for the next
+        try; the spill file is emptied only once its rows are in."""
+        if self._spill_pending:
+            spill = read_locked(self.spill_path, blocking=True) if self.spill_path.exists() else None
+            if spill is None:
+                self._spill_pending = False
+            else:
+                if self._write(_as_rows(spill.rows), skip_existing=True):
+                    os.ftruncate(spill.fd, 0)
+                    self._spill_pending = False
+                    log.warning("ledger: %d spilled rows from %s replayed", len(spill.rows), self.spill_path)
+                spill.release()
+        if self.journal is not None and not self._journal_scanned:
+            self._journal_scanned = True
+            self._leftovers = list(self.journal.leftovers())
+        for leftover in list(self._leftovers):
+            if not self._write(_as_rows(leftover.rows), skip_existing=True):
+                return
+            log.warning("ledger: %d rows of %s (a process that stopped before writing them) replayed%s",
+                        len(leftover.rows), leftover.path.name,
+                        f"; {leftover.torn} torn lines skipped" if leftover.torn else "")
+            leftover.remove()
+            self._leftovers.remove(leftover)
+
+    def _replay_waiting(self) -> bool:
+        return self._spill_pending or bool(self._leftovers)
+
+    def _replay_due(self) -> bool:
+        return self._replay_waiting() and time.monotonic() >= self._next_replay
 
     def _run(self) -> None:
         pending: list[dict[str, Any]] = []
+        segments: dict[int, int] = {}  # journal segment -> rows of `pending` in it
         markers: list[_Flush] = []
         stopping = False
+        failed = False
+        self._replay()
         while True:
-            timeout = self.retry_interval_s if pending else None
+            timeout = self.retry_interval_s if pending or self._replay_waiting() else None
             try:
                 item = self._queue.get(timeout=timeout)
             except queue.Empty:
@@ -300,7 +390,9 @@ class Ledger:
                 elif isinstance(item, _Flush):
                     markers.append(item)
                 else:
-                    pending.append(item)
+                    segment, row = item
+                    pending.append(row)
+                    segments[segment] = segments.get(segment, 0) + 1
                 if len(pending) >= self.batch_size:
                     break
                 # Someone waits (flush, shutdown): take what is queued now; otherwise linger for more rows.
@@ -309,7 +401,11 @@ class Ledger:
                     item = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
                 except queue.Empty:
                     break
-            if self._write(pending):
+            if self._replay_due():
+                self._replay()
+            failed = not self._write(pending)
+            if not failed:
+                self._committed(segments)
                 pending.clear()
                 for marker in markers:
                     marker.done.set()
@@ -318,10 +414,41 @@ class Ledger:
                 break
             if stopping and self._queue.empty():
                 break
-        if pending:
+        late = False
+        while True:  # rows queued after the stop (a request that ended during shutdown)
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, tuple):
+                late = True
+                pending.append(item[1])
+                segments[item[0]] = segments.get(item[0], 0) + 1
+            elif isinstance(item, _Flush):
+                markers.append(item)
+        if pending and (failed or not late or not self._write(pending)):
             self._spill(pending)
+        self._committed(segments)
         for marker in markers:
             marker.done.set()
+
+    def _committed(self, segments: dict[int, int]) -> None:
+        if self.journal is not None and segments:
+            self.journal.committed(segments)
+        segments.clear()
+
+
+def _as_rows(stored: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows read back from a file, made complete for this schema (a row written by an older Frugal lacks the
+    columns added since; ones it has that were dropped since are left out)."""
+    return [ledger_row(**{name: row[name] for name in COLUMNS if name in row}) for row in stored]
+
+
+def _inode(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except FileNotFoundError:
+        return None
 
 
 def add_missing_columns(engine: Engine) -> list[str]:

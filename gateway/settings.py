@@ -46,7 +46,8 @@ class LocalServingConfig(_Strict):
     prefix_cache_mib: float = Field(default=256, ge=0)
     prefix_block_tokens: int = Field(default=32, ge=1, le=1024)
     #: Salt the prefix cache with the caller's key id, so that tenants never share keys and values.
-    isolate_tenants: bool = False
+    #: None (the default): as the response cache, isolated unless `cache.scope` is "shared".
+    isolate_tenants: bool | None = None
 
 
 class PoolConfig(_Strict):
@@ -357,8 +358,22 @@ class LedgerConfig(_Strict):
     url: str = "sqlite:///frugal-ledger.db"
     #: Store prompts and answers in the ledger (off by default: they may be personal data).
     store_content: bool = False
-    #: Where records go if the database stays unreachable at shutdown (JSON lines).
+    #: Where records go if the database stays unreachable at shutdown (JSON lines), replayed at the next start.
     spill_path: str = "frugal-ledger-spill.jsonl"
+    #: The write-ahead journal (docs/reliability.md): each row is appended here before the response it records
+    #: sends its last byte, and replayed at the next start if the process died before writing it to the
+    #: database. Default: `frugal-ledger-journal` beside `spill_path`. "off" disables it (a killed process then
+    #: loses the rows it had not written yet).
+    journal_dir: str | None = None
+    #: fsync every append: rows survive a power loss too, at the cost of a disk flush per request.
+    journal_fsync: bool = False
+    #: A journal file is closed (and deleted once its rows are in the database) at this size.
+    journal_segment_mib: float = Field(default=4.0, gt=0)
+
+    def journal_path(self) -> Path | None:
+        if self.journal_dir == "off":
+            return None
+        return Path(self.journal_dir) if self.journal_dir else Path(self.spill_path).parent / "frugal-ledger-journal"
 
 
 class ExactCacheConfig(_Strict):

@@ -126,6 +126,13 @@ class Service:
         self.process = None
         return code
 
+    def kill(self) -> None:
+        """SIGKILL: no goodbye, no clean-up (a process that crashed, was OOM-killed, or whose host died)."""
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(10)
+        self.process = None
+
 
 class PoolWorker(Service):
     """A `frugal worker` process serving `model` of the config at `config_path`; ready once it consumes its
@@ -151,13 +158,6 @@ class PoolWorker(Service):
                 labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
                 values[sample.name + (f"{{{labels}}}" if labels else "")] = sample.value
         return values
-
-    def kill(self) -> None:
-        """SIGKILL: no goodbye, no clean-up (a worker that crashed or whose host died)."""
-        assert self.process is not None
-        self.process.kill()
-        self.process.wait(10)
-        self.process = None
 
 
 def write_dataset(path: Path, rows: Iterable[dict[str, Any]]) -> Path:
@@ -296,12 +296,19 @@ class TempPostgres:
         if self.user:
             shutil.chown(self.root, self.user)
         self._run(str(self.bindir / "initdb"), "-D", str(self.datadir), "-A", "trust", "-U", "postgres")
-        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-l", str(self.root / "pg.log"), "-w",
-                  "-o", f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1", "start")
+        self.resume()
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
 
-    def stop(self) -> None:
+    def halt(self) -> None:
+        """Stop the server, keeping its data (an outage: `resume` brings it back on the same port)."""
         self._run(str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-m", "fast", "-w", "stop")
+
+    def resume(self) -> None:
+        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-l", str(self.root / "pg.log"), "-w",
+                  "-o", f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1", "start")
+
+    def stop(self) -> None:
+        self.halt()
         shutil.rmtree(self.root, ignore_errors=True)
 
 
