@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -43,6 +44,7 @@ from gateway.tenants.audit import AdminAudit
 from gateway.tenants.budgets import BudgetBook
 from gateway.tenants.counters import BudgetCounters, RedisCounters, SqlCounters
 from gateway.tenants.keys import Teams, VirtualKeys
+from gateway.tenants.ledger_spend import spent_in_ledger
 from gateway.tenants.reservations import BudgetGate
 from router.cooldown import Cooldown
 from router.shared_cooldown import SharedCooldown
@@ -80,7 +82,8 @@ def create_app(config: FrugalConfig, *, backends: dict[str, Backend] | None = No
     keys = KeyStore(config.auth, config.limits.requests_per_minute, config.limits.tokens_per_minute, virtual_keys)
     budget_book = BudgetBook(ledger.engine, config.auth.cache_s)
     counters: BudgetCounters = (
-        RedisCounters(state_client(config.redis.state, config.redis.timeout_s))
+        RedisCounters(state_client(config.redis.state, config.redis.timeout_s),
+                      spent_before=functools.partial(spent_in_ledger, ledger.engine))
         if config.redis.state and config.budgets.store in ("auto", "redis") else SqlCounters(ledger.engine))
     budgets = BudgetGate(budget_book, counters, config.models, lease_s=config.budgets.lease_s,
                          default_max_tokens=config.budgets.default_max_tokens, errors=state_errors)

@@ -62,6 +62,8 @@ class Budget:
     owner_id: str
     period: Period
     limit_usd: float
+    #: When the budget was set: spend before it does not count against it.
+    created_at: datetime | None = None
 
     @property
     def limit_nanos(self) -> int:
@@ -100,7 +102,19 @@ def budget_view(budget: Budget, usage: Usage, now: datetime) -> dict[str, Any]:
 
 
 def _budget(row: Any) -> Budget:
-    return Budget(row.id, row.owner_type, row.owner_id, row.period, float(row.limit_usd))
+    created = row.created_at
+    if created is not None and created.tzinfo is None:
+        created = created.replace(tzinfo=UTC)  # SQLite gives back naive UTC times
+    return Budget(row.id, row.owner_type, row.owner_id, row.period, float(row.limit_usd), created)
+
+
+def period_start_time(period: Period, label: str) -> datetime | None:
+    """When the period named `label` began (None for "total")."""
+    if period == "day":
+        return datetime.strptime(label, "%Y-%m-%d").replace(tzinfo=UTC)
+    if period == "month":
+        return datetime.strptime(label, "%Y-%m").replace(tzinfo=UTC)
+    return None
 
 
 class BudgetsUnknown(Exception):
@@ -160,12 +174,13 @@ class BudgetBook:
         before = next((b for b in self.of_uncached(owner_type, owner_id) if b.period == period), None)
         with self.engine.begin() as connection:
             if before is None:
-                budget = Budget("bud_" + uuid.uuid4().hex[:20], owner_type, owner_id, period, float(limit_usd))
+                budget = Budget("bud_" + uuid.uuid4().hex[:20], owner_type, owner_id, period, float(limit_usd),
+                                datetime.now(UTC))
                 connection.execute(insert(budgets_table).values(
                     id=budget.id, owner_type=owner_type, owner_id=owner_id, period=period, limit_usd=budget.limit_usd,
-                    created_at=datetime.now(UTC)))
+                    created_at=budget.created_at))
             else:
-                budget = Budget(before.id, owner_type, owner_id, period, float(limit_usd))
+                budget = Budget(before.id, owner_type, owner_id, period, float(limit_usd), before.created_at)
                 connection.execute(update(budgets_table).where(budgets_table.c.id == before.id)
                                    .values(limit_usd=budget.limit_usd))
         self.forget(owner_type, owner_id)

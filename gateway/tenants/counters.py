@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -93,9 +93,16 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
 # KEYS: (hash, zset, amounts) per budget. ARGV: request id, amount, lease ms, then (limit, ttl) per budget.
+# Returns {0} (reserved), {i, spent, reserved} (budget i refused) or {-1, i, ...} (budgets i... were never
+# seeded from the ledger in this Redis: nothing reserved, seed them and ask again).
 _RESERVE = _PURGE + """
 local n = #KEYS / 3
 local amount = tonumber(ARGV[2])
+local unseeded = {-1}
+for i = 0, n - 1 do
+  if redis.call('HGET', KEYS[i * 3 + 1], 'seeded') ~= '1' then unseeded[#unseeded + 1] = i + 1 end
+end
+if #unseeded > 1 then return unseeded end
 for i = 0, n - 1 do
   local h, z, a = KEYS[i * 3 + 1], KEYS[i * 3 + 2], KEYS[i * 3 + 3]
   purge(h, z, a, now)
@@ -135,6 +142,21 @@ end
 return 0
 """
 
+# KEYS: hashes. ARGV: spent per budget (from the ledger), then ttl per budget. A counter not seeded yet takes
+# the ledger's figure unless it holds more already (settlements written to it since Redis came back).
+_SEED = _PURGE + """
+local n = #KEYS
+for i = 1, n do
+  if redis.call('HGET', KEYS[i], 'seeded') ~= '1' then
+    local spent = tonumber(redis.call('HGET', KEYS[i], 'spent') or '0')
+    if tonumber(ARGV[i]) > spent then redis.call('HSET', KEYS[i], 'spent', ARGV[i]) end
+    redis.call('HSET', KEYS[i], 'seeded', '1')
+    keep(KEYS[i], ARGV[n + i])
+  end
+end
+return 0
+"""
+
 # KEYS: zsets. ARGV: lease ms, then request ids (one per key). Only leases still held are renewed.
 _RENEW = _PURGE + """
 for i = 1, #KEYS do
@@ -170,8 +192,13 @@ def _keys(charge: Charge) -> list[str]:
 
 
 class RedisCounters:
-    def __init__(self, client: Redis) -> None:
+    """`spent_before`: what the ledger says each charge's budget has spent, for a counter Redis does not hold
+    (a Redis restarted empty, a key evicted, a budget used for the first time); None: start at zero."""
+
+    def __init__(self, client: Redis, spent_before: Callable[[Sequence[Charge]], list[int]] | None = None) -> None:
         self.client = client
+        self.spent_before = spent_before
+        self._seed = client.register_script(_SEED)
         self._reserve = client.register_script(_RESERVE)
         self._settle = client.register_script(_SETTLE)
         self._renew = client.register_script(_RENEW)
@@ -184,6 +211,12 @@ class RedisCounters:
         for charge in charges:
             args += [str(charge.budget.limit_nanos), counter_ttl_s(charge.budget.period)]
         result = await self._reserve(keys=keys, args=args)
+        if int(result[0]) == -1:
+            unseeded = [charges[int(i) - 1] for i in result[1:]]
+            spent = await run_in_threadpool(self.spent_before, unseeded) if self.spent_before else [0] * len(unseeded)
+            await self._seed(keys=[_keys(c)[0] for c in unseeded],
+                             args=[*(str(n) for n in spent), *(counter_ttl_s(c.budget.period) for c in unseeded)])
+            result = await self._reserve(keys=keys, args=args)
         index = int(result[0])
         if index == 0:
             return None
