@@ -44,6 +44,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
 
 from gateway.ledger_journal import Journal, Leftover, dump_row, read_locked
 
@@ -300,6 +301,14 @@ class Ledger:
                     connection.execute(insert(requests_table), list(rows))
                     if self.rollups is not None:
                         self.rollups.write(connection, rows)  # the same transaction: counted once, with the rows
+        except IntegrityError as exc:
+            if not skip_existing:
+                # a row already written (replayed from a file first): write the others rather than retry for ever
+                log.warning("ledger batch holds rows already written; writing the others: %s", exc.orig)
+                return self._write(rows, skip_existing=True)
+            self.failures += 1
+            log.error("ledger write of %d rows failed (will retry): %s", len(rows), exc)
+            return False
         except Exception as exc:
             self.failures += 1
             log.error("ledger write of %d rows failed (will retry): %s", len(rows), exc)

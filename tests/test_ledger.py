@@ -4,6 +4,7 @@ real PostgreSQL server; content only when configured; nothing lost when the data
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 from sqlalchemy import func, select
 
 from gateway.ledger import Ledger, ledger_row, requests_table
+from gateway.ledger_journal import Journal
 from tests.harness import Gateway, Service, model_entry, wait_until
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -119,20 +121,89 @@ def test_a_client_that_disconnects_mid_stream_is_still_billed(make_gateway: Call
     assert row["trace"]["attempts"][-1]["outcome"] == "client_closed"
 
 
-def test_rows_are_spilled_to_a_file_when_the_database_is_unreachable(tmp_path: Path) -> None:
+def row_of(request_id: str, cost_usd: float = 0.5) -> dict:
+    return ledger_row(id=request_id, endpoint="chat", models_tried=[], status=200, stream=False, prompt_tokens=1,
+                      completion_tokens=1, tokens_estimated=False, cost_usd=cost_usd, latency_ms=1.0, cache="none",
+                      client_disconnected=False, trace={"attempts": [{"model": "m", "outcome": "ok"}]})
+
+
+def written(ledger: Ledger) -> dict[str, float]:
+    with ledger.engine.connect() as connection:
+        return dict(connection.execute(select(requests_table.c.id, requests_table.c.cost_usd)).all())
+
+
+def test_rows_are_spilled_to_a_file_when_the_database_is_unreachable_and_written_by_the_next_start(
+        tmp_path: Path) -> None:
     # A SQLite path under a folder that does not exist: every write fails.
     ledger = Ledger(f"sqlite:///{tmp_path / 'missing' / 'ledger.db'}", tmp_path / "spill.jsonl",
                     retry_interval_s=0.05)
     ledger.start()
-    rows = [ledger_row(id=f"r{i}", endpoint="chat", models_tried=[], status=200, stream=False, prompt_tokens=1,
-                       completion_tokens=1, tokens_estimated=False, cost_usd=0.5, latency_ms=1.0, cache="none",
-                       client_disconnected=False) for i in range(3)]
-    for row in rows:
-        ledger.record(row)
+    for i in range(3):
+        ledger.record(row_of(f"r{i}"))
     ledger.close()
     spilled = [json.loads(line) for line in (tmp_path / "spill.jsonl").read_text().splitlines()]
     assert [r["id"] for r in spilled] == ["r0", "r1", "r2"]
     assert all(r["cost_usd"] == 0.5 for r in spilled)
+
+    (tmp_path / "missing").mkdir()  # the database is back: the next start writes what was spilled, once
+    again = Ledger(f"sqlite:///{tmp_path / 'missing' / 'ledger.db'}", tmp_path / "spill.jsonl")
+    again.start()
+    again.record(row_of("r0"))  # already written by the time the spill is replayed? either way: one row
+    assert again.flush(10)
+    assert written(again) == {"r0": 0.5, "r1": 0.5, "r2": 0.5} and again.replayed + again.written >= 3
+    assert (tmp_path / "spill.jsonl").read_bytes() == b""
+    again.close()
+
+
+def test_a_dead_process_journal_is_replayed_once_and_another_ledgers_is_left_alone(tmp_path: Path) -> None:
+    url, other_url = f"sqlite:///{tmp_path / 'ledger.db'}", f"sqlite:///{tmp_path / 'other.db'}"
+    journal_dir = tmp_path / "journal"
+    ledger = Ledger(url, tmp_path / "spill.jsonl", journal=Journal(journal_dir, url))
+    ledger.start()
+    ledger.record(row_of("written-before-death", 1.0))
+    assert ledger.flush(10)
+    ledger.close()
+    # a process that appended rows, wrote one of them to the database, and died (its locks die with it)
+    dead = Journal(journal_dir, url)
+    for request_id in ("written-before-death", "lost-1", "lost-2"):
+        dead.append(row_of(request_id, 0.25))
+    [segment] = dead._segments.values()
+    with segment.path.open("ab") as handle:
+        handle.write(b'{"id": "torn-by-the-cra')  # a line cut short by the kill: never acknowledged
+    foreign = Journal(journal_dir, other_url)
+    foreign.append(row_of("another-ledgers-row"))
+    for journal in (dead, foreign):
+        for held in journal._segments.values():
+            os.close(held.fd)  # the process is gone: its flock is released, its file stays
+
+    live = Journal(journal_dir, url)
+    ledger = Ledger(url, tmp_path / "spill.jsonl", journal=live, retry_interval_s=0.05)
+    ledger.start()
+    ledger.record(row_of("new", 2.0))
+    assert ledger.flush(10)
+    assert written(ledger) == {"written-before-death": 1.0, "lost-1": 0.25, "lost-2": 0.25, "new": 2.0}
+    assert ledger.replayed == 2
+    assert not segment.path.exists()
+    left = sorted(p.name for p in journal_dir.glob("*.jsonl"))
+    assert len(left) == 2 and any(p.startswith(f"segment-{live._stem}") for p in left)  # ours, and the foreign one
+    ledger.close()
+    assert sorted(p.name for p in journal_dir.glob("*.jsonl")) == [n for n in left if not n.startswith(
+        f"segment-{live._stem}")]  # a clean stop leaves nothing of its own behind
+
+
+def test_journal_segments_are_deleted_once_their_rows_are_written(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    journal = Journal(tmp_path / "journal", url, segment_bytes=600)
+    ledger = Ledger(url, tmp_path / "spill.jsonl", journal=journal, linger_s=0.0)
+    ledger.start()
+    for i in range(40):
+        ledger.record(row_of(f"row-{i}"))
+        if i % 10 == 9:
+            assert ledger.flush(10)
+    assert len(written(ledger)) == 40
+    assert journal._seq > 5  # the rows filled several segments...
+    assert len(list((tmp_path / "journal").glob("*.jsonl"))) == 1  # ...and only the one being written stays
+    ledger.close()
 
 
 def test_rows_written_after_the_database_comes_back(tmp_path: Path) -> None:
