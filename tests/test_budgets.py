@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -105,20 +106,32 @@ def test_hundred_concurrent_requests_on_two_replicas_never_overspend(
     limit = 10 * 0.000132
     key = create_key(a, budgets=[{"period": "total", "limit_usd": limit}])
 
-    async def burst() -> list[httpx.Response]:
-        async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=200)) as client:
-            calls = [client.post(gw.url + "/v1/chat/completions",
-                                 json={"model": "alpha", "messages": QUESTION, "max_tokens": 50},
-                                 headers={"authorization": f"Bearer {key['key']}"})
-                     for gw in [a, b] * 50]
-            return await asyncio.gather(*calls)
+    async def one(client: httpx.AsyncClient, gateway: Gateway, index: int) -> tuple[int, dict | None]:
+        """A third plain, a third streamed to the end, a third streamed and left after the first frame
+        (status 499 on the client's side: it cancelled). Returns the status and an error body."""
+        body = {"model": "alpha", "messages": QUESTION, "max_tokens": 50}
+        url, headers = gateway.url + "/v1/chat/completions", {"authorization": f"Bearer {key['key']}"}
+        if index % 3 == 0:
+            response = await client.post(url, json=body, headers=headers)
+            return response.status_code, response.json() if response.status_code != 200 else None
+        async with client.stream("POST", url, json={**body, "stream": True}, headers=headers) as response:
+            if response.status_code != 200:
+                return response.status_code, json.loads(await response.aread())
+            async for _ in response.aiter_lines():
+                if index % 3 == 2:
+                    return 499, None  # the client leaves mid-stream
+            return 200, None
 
-    responses = asyncio.run(burst())
-    statuses = [r.status_code for r in responses]
-    assert set(statuses) <= {200, 429}, statuses
-    refused = [r for r in responses if r.status_code == 429]
-    assert refused and statuses.count(200) >= 10
-    error = refused[0].json()["error"]
+    async def burst() -> list[tuple[int, dict | None]]:
+        async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=200)) as client:
+            return await asyncio.gather(*(one(client, gw, i) for i, gw in enumerate([a, b] * 50)))
+
+    outcomes = asyncio.run(burst())
+    statuses = [status for status, _ in outcomes]
+    assert set(statuses) <= {200, 429, 499}, statuses
+    refused = [error for status, error in outcomes if status == 429]
+    assert refused and statuses.count(200) + statuses.count(499) >= 10
+    error = refused[0]["error"]
     assert error["code"] == "budget_exceeded" and "total budget of key" in error["message"]
     assert key["id"] in error["message"] and "does not reset" in error["message"]
     wait_until(lambda: ledger_spend(a, key["id"])[0] == 100, 20, "100 ledger rows")
