@@ -53,4 +53,4 @@ bench-local: install-test
 	$(BIN)/python bench/local_engine.py --record
 
 clean:
-	rm -rf $(VENV) .pytest_cache frugal-ledger.db frugal-ledger.db-* frugal-ledger-spill.jsonl
+	rm -rf $(VENV) .pytest_cache frugal-ledger.db frugal-ledger.db-* frugal-ledger-spill.jsonl frugal-ledger-journal

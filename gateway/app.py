@@ -38,7 +38,7 @@ from gateway.recorder import Recorder
 from gateway.rollups import rollups_for
 from gateway.routes import build_router
 from gateway.settings import FrugalConfig
-from gateway.shared_state import StateErrors, state_client
+from gateway.shared_state import StateErrors, answers, state_client
 from gateway.swaps import RouteSwitch
 from gateway.tenants.audit import AdminAudit
 from gateway.tenants.budgets import BudgetBook
@@ -190,5 +190,6 @@ def create_app(config: FrugalConfig, *, backends: dict[str, Backend] | None = No
     app.include_router(admin_key_routes(guard, virtual_keys, Teams(ledger.engine), budget_book, budgets, audit, names,
                                         [k.id for k in config.auth.keys], config.limits.max_body_bytes))
     app.include_router(model_routes(names, keys))
-    app.include_router(operations_routes(ledger, router.pool.cooldown, metrics))
+    redis_ping = functools.partial(answers, state) if config.redis.state else None
+    app.include_router(operations_routes(ledger, router.pool.cooldown, metrics, redis_ping))
     return app

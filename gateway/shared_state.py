@@ -25,6 +25,14 @@ def state_client(url: str, timeout_s: float) -> aioredis.Redis:
                                    health_check_interval=0, retry_on_timeout=False)
 
 
+async def answers(client: aioredis.Redis) -> bool:
+    """Whether Redis answers a PING within the client's timeout."""
+    try:
+        return bool(await client.ping())
+    except REDIS_FAILURES:
+        return False
+
+
 class StateErrors:
     """Failed calls to the shared state, by mechanism and by what was done about them (a warning in the log at
     most every `log_every_s` per mechanism)."""

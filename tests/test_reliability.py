@@ -235,6 +235,9 @@ def test_redis_stopped_and_restarted_hangs_nothing_and_gives_no_budget_back(tmp_
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "budget_unavailable"
         metrics = httpx.get(gateway.url + "/metrics", timeout=10).text
         assert 'frugal_state_errors_total{mechanism="budgets"' in metrics
+        # readiness stays up (the replica serves, degraded) but says Redis is away: monitoring sees it
+        ready = httpx.get(gateway.url + "/readyz", timeout=10)
+        assert ready.status_code == 200 and ready.json()["status"] == "degraded" and ready.json()["redis"] is False
 
         redis.start()  # the same port, empty: no restart of the gateway
         again = wait_until(lambda: (r := chat(budgeted, "Question 9?")).status_code == 200 and r, 30,
@@ -244,6 +247,7 @@ def test_redis_stopped_and_restarted_hangs_nothing_and_gives_no_budget_back(tmp_
         wait_until(lambda: abs(spent() - total) < 1e-9, 10, f"spend {total} (not reset by the restart)")
         assert chat(gateway.headers()).status_code == 200
         assert chat(gateway.headers()).headers["x-frugal-cache"] == "hit"
+        assert httpx.get(gateway.url + "/readyz", timeout=10).json()["status"] == "ready"
     finally:
         gateway.stop()
         redis.stop()
