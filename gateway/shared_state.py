@@ -10,6 +10,8 @@ from typing import Literal
 from prometheus_client import CollectorRegistry, Counter
 from redis import asyncio as aioredis
 
+from workers.redis_client import redis_client
+
 log = logging.getLogger("frugal.state")
 
 FailurePolicy = Literal["open", "closed"]
@@ -20,9 +22,8 @@ REDIS_FAILURES: tuple[type[BaseException], ...] = (aioredis.RedisError, OSError,
 
 def state_client(url: str, timeout_s: float) -> aioredis.Redis:
     """A client whose every call gives up after `timeout_s` (connecting included); it reconnects by itself
-    once Redis is back."""
-    return aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                                   health_check_interval=0, retry_on_timeout=False)
+    once Redis is back (workers/redis_client.py)."""
+    return redis_client(url, timeout_s)
 
 
 async def answers(client: aioredis.Redis) -> bool:

@@ -188,6 +188,21 @@ def test_a_busy_pool_is_skipped_with_reason_capacity(pool: Pool, gateway: Gatewa
     assert 'frugal_cascade_escalations_total{model="pooled-idle",reason="capacity",route="idle-first"}' in metrics
 
 
+def test_a_drained_backlog_does_not_keep_an_idle_pool_refused(pool: Pool) -> None:
+    """The workers publish their recent wait when a task starts; once the queue is empty that reading is stale
+    and must not refuse requests (it did: refused requests start no task, so the reading never improved)."""
+    client = pool.client()
+    client.set(protocol.wait_key(QUEUE), "5.0", ex=30)  # a backlog's wait (> max_wait_s 2 s); nothing queued
+    try:
+        gateway = pool.gateway()  # its first pooled request waits for a reading of the queue and the wait
+        reply = httpx.post(gateway.url + "/v1/chat/completions", headers=gateway.headers(), timeout=60,
+                           json=chat("What is the capital of France?", max_tokens=4))
+        assert reply.status_code == 200, reply.text
+        assert reply.headers["x-frugal-model"] == POOLED
+    finally:
+        client.delete(protocol.wait_key(QUEUE))
+
+
 def test_a_request_runs_once_even_if_delivered_twice(pool: Pool) -> None:
     """Celery may deliver a task twice (a redelivered unacknowledged message): the claim key lets one run."""
     from celery import Celery

@@ -14,7 +14,7 @@ from gateway.ratelimit import RateLimiter, RedisRateLimiter
 from gateway.settings import ConfigError, parse_config
 from gateway.shared_state import StateErrors, state_client
 from router.shared_cooldown import SharedCooldown
-from tests.harness import Clock, free_port
+from tests.harness import Clock, TempRedis, free_port
 
 
 def errors() -> tuple[StateErrors, CollectorRegistry]:
@@ -164,3 +164,26 @@ def test_a_pooled_model_needs_a_broker_and_a_local_backend(monkeypatch: pytest.M
     assert config.model("p").queue == "frugal.local.smollm2-135m-instruct"
     with pytest.raises(ConfigError, match="pool is for local models"):
         parse_config("models: [{name: r, backend: openai/gpt-4o, pool: {}}]\nredis: {url: 'redis://r/0'}\n")
+
+
+def test_a_restarted_redis_fails_no_call_on_the_connections_it_closed(tmp_path: Path) -> None:
+    """After a Redis restart every pooled connection is dead; each is retried once on a fresh connection
+    instead of failing the first call made on it (redis-py retries nothing by default)."""
+    server = TempRedis(tmp_path)
+    url = server.start()
+
+    async def run() -> list[object]:
+        client = state_client(url, 0.25)
+        try:
+            await asyncio.gather(*(client.incr("calls") for _ in range(8)))  # eight pooled connections
+            server.stop()
+            server.start()  # the same port, empty
+            return await asyncio.gather(*(client.incr("calls") for _ in range(8)), return_exceptions=True)
+        finally:
+            await client.aclose()
+
+    try:
+        results = asyncio.run(run())
+    finally:
+        server.stop()
+    assert sorted(results) == list(range(1, 9)), results  # no error; counted from zero in the new server

@@ -85,10 +85,10 @@ class RedisResponseStore:
     with `maxmemory` and `maxmemory-policy allkeys-lru` (deploy/ does)."""
 
     def __init__(self, url: str, *, prefix: str = "frugal:cache:", timeout_s: float = 0.25) -> None:
-        import redis.asyncio as aioredis  # noqa: PLC0415 (only when Redis is configured)
+        from workers.redis_client import redis_client  # noqa: PLC0415 (only when Redis is configured)
 
         self.prefix = prefix
-        self._redis = aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        self._redis = redis_client(url, timeout_s)
         self._errors = ErrorLog()
 
     async def get(self, key: str) -> bytes | None:

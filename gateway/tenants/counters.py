@@ -98,6 +98,8 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 _RESERVE = _PURGE + """
 local n = #KEYS / 3
 local amount = tonumber(ARGV[2])
+-- run twice (a client that retried after a lost reply): the first run's reservation stands
+if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1 then return {0} end
 local unseeded = {-1}
 for i = 0, n - 1 do
   if redis.call('HGET', KEYS[i * 3 + 1], 'seeded') ~= '1' then unseeded[#unseeded + 1] = i + 1 end

@@ -27,10 +27,13 @@ from workers.backend import GenerationRequest, GenerationResult, StreamChunk
 from workers.errors import BackendError, FailureKind
 from workers.pool import protocol
 from workers.pricing import TokenPrice
+from workers.redis_client import redis_client
 
 log = logging.getLogger("frugal.pool")
 
 _REDIS_FAILURES = (aioredis.RedisError, OSError)
+#: Stream reads in a row whose reply came too late before a request fails.
+_LATE_READS = 3
 
 
 @dataclass(frozen=True)
@@ -63,12 +66,11 @@ class PooledBackend:
         # binding to look up or declare, so a broker that restarted empty takes the next request as it is.
         self._queue = Queue(settings.queue, Exchange(""), routing_key=settings.queue, no_declare=True)
         timeout = settings.redis_timeout_s
-        self._broker = aioredis.Redis.from_url(broker_url, socket_timeout=timeout, socket_connect_timeout=timeout)
-        self._state = aioredis.Redis.from_url(state_url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        self._broker = redis_client(broker_url, timeout)
+        self._state = redis_client(state_url, timeout)
         self._block_ms = int(min(1.0, settings.worker_timeout_s / 3) * 1000)
         # Reading a stream blocks in Redis for up to `_block_ms`: its socket waits that long and a bit more.
-        self._streams = aioredis.Redis.from_url(state_url, socket_timeout=self._block_ms / 1000 + timeout,
-                                                socket_connect_timeout=timeout)
+        self._streams = redis_client(state_url, timeout, read_timeout_s=self._block_ms / 1000 + timeout)
         # Handing a task to Celery is a blocking call (kombu): done on threads of its own, never on the loop.
         self._enqueuer = ThreadPoolExecutor(max_workers=8, thread_name_prefix=f"enqueue-{name}")
         self._probed_at = -1.0  # never
@@ -102,7 +104,9 @@ class PooledBackend:
             if first:
                 await asyncio.shield(self._probe)
         s = self.settings
-        if self._depth > s.max_queue_depth or self._wait > s.max_wait_s:
+        # The workers' wait is measured when a task starts: with nothing queued it is stale (a backlog that has
+        # drained), and refusing on it would keep the idle pool refused until the reading expires.
+        if self._depth > s.max_queue_depth or (self._depth > 0 and self._wait > s.max_wait_s):
             raise BackendError(FailureKind.OVERLOADED, f"{self.name}: the worker pool is busy ({self._depth} queued, "
                                f"{self._wait:.2f} s wait)", status=503, retry_after_s=max(1.0, self._wait))
 
@@ -129,9 +133,19 @@ class PooledBackend:
         """The request's events in order, until one that ends it; a worker that stops its heartbeat fails it."""
         key, last = protocol.stream_key(request_id), "0-0"
         worker: str | None = None
+        late = 0
         while True:
             try:
                 reply = await self._streams.xread({key: last}, count=256, block=self._block_ms)
+                late = 0
+            except aioredis.TimeoutError as exc:
+                # The reply was late (this process was busy, or Redis): reading again from `last` loses nothing.
+                # Only a Redis that stays silent fails the request (the heartbeat check below needs Redis too).
+                late += 1
+                if late >= _LATE_READS:
+                    raise BackendError(FailureKind.CONNECTION, f"{self.name}: the worker pool's Redis did not "
+                                       f"answer {late} reads in a row: {exc}") from exc
+                reply = None
             except _REDIS_FAILURES as exc:
                 raise BackendError(FailureKind.CONNECTION, f"{self.name}: lost the worker pool's Redis: {exc}") \
                     from exc
