@@ -7,6 +7,7 @@ no budget back what it had spent."""
 from __future__ import annotations
 
 import json
+import signal
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -245,9 +246,38 @@ def test_redis_stopped_and_restarted_hangs_nothing_and_gives_no_budget_back(tmp_
         # the counter was seeded from the ledger: what was spent before the restart still counts
         total = cost + float(again.headers["x-frugal-cost-usd"])
         wait_until(lambda: abs(spent() - total) < 1e-9, 10, f"spend {total} (not reset by the restart)")
-        assert chat(gateway.headers()).status_code == 200
-        assert chat(gateway.headers()).headers["x-frugal-cache"] == "hit"
+        # the cache serves again once its client's breaker lets a call through (within a second)
+        wait_until(lambda: chat(gateway.headers()).headers["x-frugal-cache"] == "hit", 10, "the cache to serve again")
         assert httpx.get(gateway.url + "/readyz", timeout=10).json()["status"] == "ready"
     finally:
+        gateway.stop()
+        redis.stop()
+
+
+def test_a_hung_redis_hangs_no_request(tmp_path: Path, standin_server: Service) -> None:
+    """Redis that accepts connections but never answers (SIGSTOP: a stalled host, a full network buffer) costs
+    a few calls their timeout, then the client stops asking it for a while (a circuit breaker) and each
+    mechanism's failure policy applies: no request waits on it for ever, and most do not wait at all."""
+    redis = TempRedis(tmp_path)
+    redis_url = redis.start()
+    gateway = Gateway(tmp_path, {**config(standin_server), "redis": {"url": redis_url},
+                                 "cache": {"exact": {"enabled": True}, "semantic": {"enabled": True}}}).start()
+    assert redis.process is not None
+    try:
+        def ask(content: str) -> httpx.Response:
+            return httpx.post(gateway.url + "/v1/chat/completions", headers=gateway.headers(), timeout=15,
+                              json={"model": "alpha", "messages": [{"role": "user", "content": content}],
+                                    "max_tokens": 20, "temperature": 0})
+
+        assert ask("What is the capital of France?").status_code == 200
+        redis.process.send_signal(signal.SIGSTOP)
+        for content in ("What is the capital of France?", "Name the capital city of France.", "Name a colour."):
+            response = ask(content)  # a hang would be an httpx timeout here
+            assert response.status_code == 200 and response.headers["x-frugal-cache"] == "miss", response.text
+        ready = httpx.get(gateway.url + "/readyz", timeout=15)
+        assert ready.status_code == 200 and ready.json()["redis"] is False
+        assert "circuit open" in gateway.log()  # the breaker stopped asking it
+    finally:
+        redis.process.send_signal(signal.SIGCONT)
         gateway.stop()
         redis.stop()

@@ -34,10 +34,9 @@ if TYPE_CHECKING:
 REDIS_GRACE_S = 60
 #: Entries fetched per pipeline while reloading a mirror.
 RELOAD_BATCH = 1000
-#: Connections to Redis per index. More concurrent requests wait for one (up to `POOL_TIMEOUT_S`) rather than
-#: fail: redis-py's default pool raises "Too many connections" at 100 concurrent commands.
-MAX_CONNECTIONS = 32
-POOL_TIMEOUT_S = 20.0
+#: Seconds a call to Redis may take (connecting included): a Redis that hangs costs a lookup this long, then a
+#: miss, never a hung request.
+TIMEOUT_S = 1.0
 
 # KEYS: zset, seq, log. ARGV: prefix, id, partition, entry key, vector, expires_at, redis ttl (s),
 # max_entries, now, log_len.
@@ -79,12 +78,10 @@ class RedisSemanticIndex:
     def __init__(self, url: str, *, prefix: str = "frugal:sem:", max_entries: int = 100_000,
                  clock: Clock = time.time, dim: int = DIM, log_len: int = 10_000,
                  client: redis.asyncio.Redis | None = None) -> None:
-        import redis.asyncio
+        from workers.redis_client import redis_client  # noqa: PLC0415 (the redis client, only when configured)
 
         if client is None:
-            pool = redis.asyncio.BlockingConnectionPool.from_url(url, max_connections=MAX_CONNECTIONS,
-                                                                 timeout=POOL_TIMEOUT_S)
-            client = redis.asyncio.Redis(connection_pool=pool)
+            client = redis_client(url, TIMEOUT_S, trip_after=1)  # an optimisation: skip it at once
             self._owns_client = True
         else:
             self._owns_client = False

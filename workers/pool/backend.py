@@ -70,7 +70,8 @@ class PooledBackend:
         self._state = redis_client(state_url, timeout)
         self._block_ms = int(min(1.0, settings.worker_timeout_s / 3) * 1000)
         # Reading a stream blocks in Redis for up to `_block_ms`: its socket waits that long and a bit more.
-        self._streams = redis_client(state_url, timeout, read_timeout_s=self._block_ms / 1000 + timeout)
+        self._streams = redis_client(state_url, timeout, read_timeout_s=self._block_ms / 1000 + timeout,
+                                     breaker=False)
         # Handing a task to Celery is a blocking call (kombu): done on threads of its own, never on the loop.
         self._enqueuer = ThreadPoolExecutor(max_workers=8, thread_name_prefix=f"enqueue-{name}")
         self._probed_at = -1.0  # never
