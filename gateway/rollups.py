@@ -25,6 +25,7 @@ counts the cache's saving. The prices come from the configuration through `top_p
 from __future__ import annotations
 
 import bisect
+import functools
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -333,18 +334,29 @@ def _full(values: Mapping[str, Any], counters: Sequence[str]) -> dict[str, Any]:
     return {name: values.get(name, 0) for name in counters}
 
 
+@functools.cache
+def _upsert_statement(dialect_name: str, table: Table, counters: tuple[str, ...]) -> Any:
+    """INSERT … ON CONFLICT DO UPDATE adding to `counters`, for SQLite and PostgreSQL (None for other databases);
+    built once per table and kept: built per batch, its `excluded` alias of every column left some 600 objects
+    of cyclic garbage for the collector each time, beside the CPU of building it."""
+    dialect = {"sqlite": sqlite, "postgresql": postgresql}.get(dialect_name)
+    if dialect is None:
+        return None
+    insert_ = dialect.insert(table)
+    changes: dict[str, Any] = {name: table.c[name] + insert_.excluded[name] for name in counters}
+    if "threshold" in table.c:
+        changes["threshold"] = func.coalesce(insert_.excluded.threshold, table.c.threshold)
+    return insert_.on_conflict_do_update(index_elements=[c.name for c in table.primary_key.columns], set_=changes)
+
+
 def _upsert(connection: Connection, table: Table, rows: list[dict[str, Any]], counters: Sequence[str]) -> None:
     """Add `rows` to `table`'s counters (a row with a new key is inserted as it is)."""
     if not rows:
         return
     keys = [c.name for c in table.primary_key.columns]
-    dialect = {"sqlite": sqlite, "postgresql": postgresql}.get(connection.dialect.name)
-    if dialect is not None:
-        statement = dialect.insert(table)
-        changes: dict[str, Any] = {name: table.c[name] + statement.excluded[name] for name in counters}
-        if "threshold" in table.c:
-            changes["threshold"] = func.coalesce(statement.excluded.threshold, table.c.threshold)
-        connection.execute(statement.on_conflict_do_update(index_elements=keys, set_=changes), rows)
+    statement = _upsert_statement(connection.dialect.name, table, tuple(counters))
+    if statement is not None:
+        connection.execute(statement, rows)
         return
     for row in rows:  # another database: update, else insert (one transaction with the rows)
         where = and_(*(table.c[k] == row[k] for k in keys))
