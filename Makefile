@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test install install-test services lint bench bench-local clean
+.PHONY: run test install install-test services lint bench bench-load bench-soak bench-local clean
 
 $(BIN)/python:
 	$(PYTHON) -c 'import sys; assert sys.version_info[:2] >= (3, 11), "Python 3.11+ is needed"'
@@ -46,6 +46,15 @@ test: install-test services lint
 bench: install-test
 	command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
 	$(BIN)/python bench/gateway_overhead.py --record
+
+## Frugal beside the LiteLLM proxy, one core each (the proxy goes into a virtualenv of its own on first use).
+bench-load: install-test
+	command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
+	$(BIN)/python bench/load.py --record
+
+## 30 minutes at a fixed rate through a worker restart and a Redis restart.
+bench-soak: install-test
+	$(BIN)/python bench/soak.py --minutes 30 --record
 
 ## The local engine against llama.cpp on the same GGUF (llama-cpp-python compiles from source, ~7 min).
 bench-local: install-test
