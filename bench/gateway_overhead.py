@@ -95,18 +95,26 @@ def latency(url: str, body: dict, requests: int, headers: dict[str, str]) -> lis
     return samples
 
 
-def throughput(url: str, body: dict, duration: int, connections: int, tmp: Path, key: str = KEY) -> dict[str, float]:
+def throughput(url: str, body: dict, duration: int, connections: int, tmp: Path, key: str = KEY,
+               timeout_s: float = 2.0) -> dict[str, float]:
+    """wrk (one thread, pinned to CPU 1) POSTing `body` for `duration` s over `connections`: req/s, requests,
+    non-2xx answers, socket errors (a request slower than `timeout_s` counts as one), p50 and p99 in ms."""
     script = tmp / "load.lua"
     script.write_text(LUA % (key, json.dumps(body)))
-    command = pinned(["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "-s", str(script), url], 1)
+    command = pinned(["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--timeout", f"{timeout_s:g}s", "--latency",
+                      "-s", str(script), url], 1)
     output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))
     total = int(re.search(r"(\d+) requests in", output).group(1))
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
-    p50 = re.search(r"50%\s+([\d.]+)(us|ms|s)", output)
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    sockets = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
     scale = {"us": 1e-3, "ms": 1.0, "s": 1e3}
-    return {"rps": rps, "requests": total, "non_2xx": int(errors.group(1)) if errors else 0,
-            "p50_ms": float(p50.group(1)) * scale[p50.group(2)] if p50 else float("nan")}
+    result = {"rps": rps, "requests": total, "non_2xx": int(non_2xx.group(1)) if non_2xx else 0,
+              "socket_errors": sum(int(g) for g in sockets.groups()) if sockets else 0}
+    for q in ("50", "99"):
+        match = re.search(rf"\s{q}%\s+([\d.]+)(us|ms|s)", output)
+        result[f"p{q}_ms"] = float(match.group(1)) * scale[match.group(2)] if match else float("nan")
+    return result
 
 
 def summary(samples: list[float]) -> dict[str, float]:

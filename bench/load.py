@@ -51,7 +51,7 @@ from sqlalchemy import create_engine, func, select
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import REPO, markdown_table, pinned, record  # noqa: E402
-from bench.gateway_overhead import start, start_gateway  # noqa: E402
+from bench.gateway_overhead import start, start_gateway, throughput  # noqa: E402
 from gateway.ledger import requests_table  # noqa: E402
 from tests.cascade_data import MODELS, synthetic_file  # noqa: E402
 from tests.harness import TINY_ROWS, free_port, write_dataset  # noqa: E402
@@ -60,13 +60,6 @@ BIN = Path(sys.executable).parent
 KEY = "sk-bench"
 PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
 DEFAULT_VENV = Path.home() / ".cache" / "frugal" / "litellm-proxy"
-
-LUA = """
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Bearer %s"
-wrk.body = '%s'
-"""
 
 
 # --- the LiteLLM proxy's environment -------------------------------------------------------------------------
@@ -153,25 +146,6 @@ def percentiles(samples: list[float]) -> dict[str, float]:
     ordered = sorted(samples)
     pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000  # noqa: E731
     return {"p50_ms": pick(0.50), "p90_ms": pick(0.90), "p99_ms": pick(0.99), "max_ms": ordered[-1] * 1000}
-
-
-def wrk(url: str, body: dict, duration: int, connections: int, tmp: Path, key: str) -> dict[str, float]:
-    script = tmp / "load.lua"
-    script.write_text(LUA % (key, json.dumps(body)))
-    command = pinned(["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--timeout", "10s", "--latency",
-                      "-s", str(script), url], 1)
-    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))
-    total = int(re.search(r"(\d+) requests in", output).group(1))
-    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
-    sockets = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
-    scale = {"us": 1e-3, "ms": 1.0, "s": 1e3}
-    result = {"rps": rps, "requests": total, "non_2xx": int(non_2xx.group(1)) if non_2xx else 0,
-              "socket_errors": sum(int(g) for g in sockets.groups()) if sockets else 0}
-    for q in ("50", "99"):
-        match = re.search(rf"\s{q}%\s+([\d.]+)(us|ms|s)", output)
-        result[f"p{q}_ms"] = float(match.group(1)) * scale[match.group(2)] if match else float("nan")
-    return result
 
 
 # --- the processes --------------------------------------------------------------------------------------------
@@ -293,7 +267,8 @@ def main() -> None:
                     answered[name] += sent
                     for c in counts:
                         before, started = cpu_and_wait(pid), time.monotonic()
-                        load = wrk(f"http://127.0.0.1:{port}/v1/chat/completions", body, args.duration, c, tmp, KEY)
+                        endpoint = f"http://127.0.0.1:{port}/v1/chat/completions"
+                        load = throughput(endpoint, body, args.duration, c, tmp, KEY, timeout_s=10)
                         load["cpu_share"] = (cpu_and_wait(pid)[0] - before[0]) / (time.monotonic() - started)
                         answered[name] += int(load["requests"])
                         values.update({f"c{c}_{k}": v for k, v in load.items()})
